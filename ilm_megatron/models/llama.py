@@ -1,0 +1,115 @@
+"""Implicit Llama attention and SwiGLU MLP (DESIGN §1).
+
+Attention adds the injection to the packed ``[q, k, v]`` projection before RoPE
+(``q, k, v = W_{q,k,v} h + chunk(u, 3)``), then causal scaled-dot-product attention. The MLP has no
+injection. ``u = None`` gives the explicit Llama layer.
+
+Shapes: b batch, l length, d d_model, a attention heads, e head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from torch import nn
+
+from ilm_megatron.config import ModelConfig
+from ilm_megatron.models.cache import KVCache
+from ilm_megatron.models.layers import apply_rope, rope_cos_sin
+
+
+@dataclass
+class SelfAttentionSubmodules:
+    qkv_proj: ModuleSpec | type
+    out_proj: ModuleSpec | type
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention with RoPE and an optional injection."""
+
+    def __init__(
+        self, config: ModelConfig, submodules: SelfAttentionSubmodules, layer_number: int = 1
+    ) -> None:
+        super().__init__()
+        self.d_model = config.d_model
+        self.n_heads = config.n_heads
+        self.head_dim = config.d_model // config.n_heads
+        self.theta = config.rope_theta
+        self.qkv_proj = build_module(
+            submodules.qkv_proj, self.d_model, 3 * self.d_model, config=config
+        )
+        self.out_proj = build_module(submodules.out_proj, self.d_model, self.d_model, config=config)
+
+    @property
+    def injection_size(self) -> int:
+        return 3 * self.d_model
+
+    def _qkv(
+        self, h: torch.Tensor, u: torch.Tensor | None, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h: (b, l, d) -> q, k, v each (b, a, l, e), RoPE applied to q and k."""
+        b, l, _ = h.shape
+        qkv = self.qkv_proj(h)
+        if u is not None:
+            qkv = qkv + u
+        q, k, v = (
+            t.view(b, l, self.n_heads, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, -1)
+        )
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.theta, q.dtype)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(
+        self, h: torch.Tensor, u: torch.Tensor | None = None, return_cache: bool = False
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """h: (b, l, d), u: (b, l, 3d) or None -> (out (b, l, d), KV cache of all positions)."""
+        b, l, _ = h.shape
+        q, k, v = self._qkv(h, u, torch.arange(l, device=h.device))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = self.out_proj(o.transpose(1, 2).reshape(b, l, self.d_model))
+        return out, (KVCache(k, v) if return_cache else None)
+
+    def step(
+        self, h: torch.Tensor, u: torch.Tensor | None, cache: KVCache
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One token at position ``cache.length``; reads ``cache`` without modifying it.
+
+        Args:
+            h: (b, d); u: (b, 3d) or None.
+
+        Returns:
+            ``(out (b, d), (k_t, v_t))`` with k_t, v_t (b, a, 1, e) to commit.
+        """
+        b = h.shape[0]
+        pos = torch.tensor([cache.length], device=h.device)
+        q, k_t, v_t = self._qkv(h[:, None], None if u is None else u[:, None], pos)
+        k_prev, v_prev = cache.view()
+        k = torch.cat([k_prev, k_t], dim=2)
+        v = torch.cat([v_prev, v_t], dim=2)
+        o = F.scaled_dot_product_attention(q, k, v)  # the single query sees every key
+        return self.out_proj(o.reshape(b, self.d_model)), (k_t, v_t)
+
+    def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        return KVCache.empty(batch, self.n_heads, self.head_dim, device, dtype)
+
+
+@dataclass
+class SwiGLUSubmodules:
+    fc1: ModuleSpec | type  # packed [gate, up]
+    fc2: ModuleSpec | type
+
+
+class SwiGLU(nn.Module):
+    """``fc2(silu(gate) * up)`` with ``[gate, up] = fc1(h)``. h: (..., d) -> (..., d)."""
+
+    def __init__(self, config: ModelConfig, submodules: SwiGLUSubmodules, layer_number: int = 1):
+        super().__init__()
+        self.hidden = config.ffn_size
+        self.fc1 = build_module(submodules.fc1, config.d_model, 2 * self.hidden, config=config)
+        self.fc2 = build_module(submodules.fc2, self.hidden, config.d_model, config=config)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc1(h).chunk(2, dim=-1)
+        return self.fc2(F.silu(gate) * up)

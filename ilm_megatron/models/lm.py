@@ -1,0 +1,316 @@
+"""Implicit (and explicit) language model around a spec-built stack (DESIGN §1-2).
+
+```
+e  = Embedding(ids)                        # (b, l, d)
+u  = W_inj · RMSNorm_inj(e) + b_inj        # (b, l, injection_size), once per forward
+z* = F(z*, u)  from z0 = 0                 # simultaneous solve, or token by token
+logits = z* · Embedding^T                  # tied head
+```
+Explicit models run ``F`` once on ``e`` without injection. Training uses the no-grad solve plus
+phantom steps; evaluation uses the solver chosen in ``SolverConfig.eval_solver``; sequential mode
+and :meth:`ImplicitLM.generate` solve one token at a time with caches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from torch import nn
+
+from ilm_megatron.config import ModelConfig, SolverConfig
+from ilm_megatron.implicit.phantom import phantom_steps
+from ilm_megatron.implicit.sequential import solve_token
+from ilm_megatron.implicit.solver import SolverStats, solve, solve_damped_reference
+from ilm_megatron.models.layers import Linear, RMSNorm
+from ilm_megatron.models.specs import get_stack_spec
+from ilm_megatron.models.stack import upcast
+
+
+@dataclass
+class LMOutput:
+    """logits: (b, l, padded_vocab); stats of the solve; caches when asked for (prefill)."""
+
+    logits: torch.Tensor
+    stats: SolverStats
+    caches: list[Any] | None = None
+    hidden: torch.Tensor | None = None  # (b, l, d) the (approximate) fixed point
+
+
+class ImplicitLM(nn.Module):
+    """Embedding, injection, the stack ``F`` (built from a ModuleSpec) and a tied LM head."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        solver: SolverConfig | None = None,
+        stack_spec: ModuleSpec | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.solver_config = solver if solver is not None else SolverConfig()
+        spec = stack_spec if stack_spec is not None else get_stack_spec(config.arch, config.backend)
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        nn.init.normal_(self.embedding.weight, std=config.init_std)
+        self.stack = build_module(spec, config)
+        self.injection_norm: nn.Module | None = None
+        self.injection: nn.Module | None = None
+        if config.implicit:
+            self.injection_norm = RMSNorm(config.d_model, config=config)
+            self.injection = Linear(
+                config.d_model, self.stack.injection_size, config=config, bias=True
+            )
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else Linear(config.d_model, config.padded_vocab_size, config=config)
+        )
+        if config.implicit and config.iterate_init_scale != 1.0:
+            scale_iterate_weights(self, config.iterate_init_scale)
+        if config.weight_norm:
+            apply_weight_norm(self)
+
+    @property
+    def implicit(self) -> bool:
+        return self.config.implicit
+
+    # ------------------------------------------------------------------ pieces
+    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids: (b, l) -> (e (b, l, d) fp32, u (b, l, injection_size) or None)."""
+        e = upcast(self.embedding(ids))
+        if self.injection is None:
+            return e, None
+        return e, self.injection(self.injection_norm(e))
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (..., d) -> logits (..., padded_vocab)."""
+        if self.lm_head is not None:
+            return self.lm_head(z)
+        return F.linear(z, self.embedding.weight)
+
+    def stack_fn(self, u: torch.Tensor | None):
+        """``F(., u)`` as a one-argument callable for the solvers."""
+        return lambda z: self.stack(z, u)[0]
+
+    def eval_max_iter(self) -> int:
+        s = self.solver_config
+        return int(math.ceil(s.eval_max_iter_mult * s.f_max_iter))
+
+    def eval_tol(self) -> float:
+        s = self.solver_config
+        return s.eval_tol if s.eval_tol > 0 else s.f_tol
+
+    # ------------------------------------------------------------------ simultaneous mode
+    def forward(self, ids: torch.Tensor, max_iter: int | None = None) -> LMOutput:
+        """Simultaneous mode over the whole sequence.
+
+        Args:
+            ids: (b, l) token ids.
+            max_iter: override of the solver cap (training: ``f_max_iter``; eval: the eval cap).
+
+        Returns:
+            :class:`LMOutput` with logits (b, l, padded_vocab) and solver statistics. In training
+            mode the logits come from the phantom steps and carry gradients.
+        """
+        e, u = self.embed(ids)
+        if not self.implicit:
+            z, _ = self.stack(e)
+            return LMOutput(self.head(z), _explicit_stats(ids), hidden=z)
+        s = self.solver_config
+        f = self.stack_fn(u)
+        z0 = torch.zeros_like(e)
+        if self.training and torch.is_grad_enabled():
+            cap = s.f_max_iter if max_iter is None else max_iter
+            z_star, stats = solve(f, z0, cap, s.f_tol)
+            z = phantom_steps(f, z_star, s.phantom_steps, s.phantom_damping)
+        else:
+            z, stats = self.solve_eval(f, z0, max_iter)
+        return LMOutput(self.head(z), stats, hidden=z)
+
+    def solve_eval(
+        self, f, z0: torch.Tensor, max_iter: int | None = None
+    ) -> tuple[torch.Tensor, SolverStats]:
+        """The evaluation solve chosen by ``solver.eval_solver``."""
+        s = self.solver_config
+        cap = self.eval_max_iter() if max_iter is None else max_iter
+        if s.eval_solver == "reference":
+            return solve_damped_reference(f, z0, cap, self.eval_tol(), s.eval_damping)
+        return solve(f, z0, cap, self.eval_tol())
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, max_iter: int | None = None) -> LMOutput:
+        """Simultaneous solve of a prompt, then one call at the solution that returns the caches.
+
+        The caches hold each layer's state after the last prompt token, ready for :meth:`step`.
+        """
+        e, u = self.embed(ids)
+        if self.implicit:
+            z_star, stats = self.solve_eval(self.stack_fn(u), torch.zeros_like(e), max_iter)
+        else:
+            z_star, stats = e, _explicit_stats(ids)
+        z, caches = self.stack(z_star, u, return_cache=True)
+        return LMOutput(self.head(z), stats, caches=caches, hidden=z)
+
+    # ------------------------------------------------------------------ sequential mode
+    def empty_caches(self, batch: int, device: torch.device | None = None) -> list[Any]:
+        device = device or self.embedding.weight.device
+        return self.stack.empty_caches(batch, device, self.embedding.weight.dtype)
+
+    @torch.no_grad()
+    def step(
+        self,
+        ids: torch.Tensor,
+        caches: list[Any],
+        z_init: torch.Tensor | None = None,
+        max_iter: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, SolverStats]:
+        """Sequential mode for one token: solve, then commit every layer's cache once.
+
+        Args:
+            ids: (b,) current token ids.
+            caches: per-layer caches of the previous tokens (updated in place on return).
+            z_init: (b, d) initial iterate (warm start); zeros if None.
+            max_iter: inner cap; default the eval cap.
+
+        Returns:
+            ``(logits (b, padded_vocab), z_t (b, d), stats)``.
+        """
+        e, u = self.embed(ids[:, None])
+        e = e[:, 0]
+        u = None if u is None else u[:, 0]
+        if self.implicit:
+            z0 = torch.zeros_like(e) if z_init is None else z_init
+            cap = self.eval_max_iter() if max_iter is None else max_iter
+            z, updates, stats = solve_token(
+                lambda z: self.stack.step(z, u, caches), z0, cap, self.eval_tol()
+            )
+        else:
+            z, updates = self.stack.step(e, None, caches)
+            stats = _explicit_stats(ids[:, None])
+        for cache, update in zip(caches, updates):
+            cache.commit(update)
+        return self.head(z), z, stats
+
+    @torch.no_grad()
+    def forward_sequential(
+        self, ids: torch.Tensor, caches: list[Any] | None = None, max_iter: int | None = None
+    ) -> LMOutput:
+        """Run a whole sequence token by token (the RNN view of the model).
+
+        Returns:
+            :class:`LMOutput` with logits (b, l, padded_vocab), the final caches, and stats whose
+            ``residual`` and ``sample_iters`` are (b, l) per token.
+        """
+        b, l = ids.shape
+        caches = self.empty_caches(b, ids.device) if caches is None else caches
+        logits, hidden, res, iters = [], [], [], []
+        z_prev = None
+        for t in range(l):
+            warm = z_prev if self.solver_config.seq_warm_start else None
+            lg, z_prev, st = self.step(ids[:, t], caches, warm, max_iter)
+            logits.append(lg)
+            hidden.append(z_prev)
+            res.append(st.residual)
+            iters.append(st.sample_iters)
+        r, it = torch.stack(res, 1), torch.stack(iters, 1)
+        stats = SolverStats(int(it.max()), r, it, self.eval_tol(), "sequential")
+        if not self.implicit:
+            stats = _explicit_stats(ids)
+        return LMOutput(torch.stack(logits, 1), stats, caches, torch.stack(hidden, 1))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+        prefill: str = "simultaneous",
+    ) -> torch.Tensor:
+        """Autoregressive generation in sequential mode.
+
+        Args:
+            prompt: (b, l) prompt ids (l >= 1).
+            max_new_tokens: tokens to append.
+            temperature: 0 for greedy decoding, else softmax sampling at this temperature.
+            top_k: keep only the ``top_k`` most likely tokens when sampling (0: all).
+            generator: RNG for sampling.
+            prefill: "simultaneous" (solve the prompt at once, hand the caches over) or
+                "sequential" (feed the prompt token by token).
+
+        Returns:
+            (b, l + max_new_tokens) ids.
+        """
+        if prefill == "simultaneous":
+            out = self.prefill(prompt)
+        elif prefill == "sequential":
+            out = self.forward_sequential(prompt)
+        else:
+            raise ValueError(f"prefill must be 'simultaneous' or 'sequential', got {prefill!r}")
+        caches, logits = out.caches, out.logits[:, -1]
+        tokens = [prompt]
+        for i in range(max_new_tokens):
+            nxt = self._sample(logits, temperature, top_k, generator)
+            tokens.append(nxt[:, None])
+            if i + 1 < max_new_tokens:
+                logits, _, _ = self.step(nxt, caches)
+        return torch.cat(tokens, dim=1)
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        temperature: float,
+        top_k: int,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        logits = logits[:, : self.config.vocab_size].float()
+        if temperature <= 0:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k > 0:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _explicit_stats(ids: torch.Tensor) -> SolverStats:
+    """Stats of an explicit pass: one evaluation, nothing to converge."""
+    shape = ids.shape[:1]
+    zeros = torch.zeros(shape, device=ids.device)
+    return SolverStats(
+        1, zeros, torch.ones(shape, dtype=torch.long, device=ids.device), 1.0, "explicit"
+    )
+
+
+@torch.no_grad()
+def scale_iterate_weights(model: ImplicitLM, scale: float) -> None:
+    """Scale the initial weights that read the iterate (``in_proj``/``qkv_proj``, MLP ``fc1``)."""
+    for layer in model.stack.layers:
+        for name in ("in_proj", "qkv_proj"):
+            proj = getattr(layer.mixer, name, None)
+            if proj is not None:
+                proj.weight.mul_(scale)
+        if layer.mlp is not None:
+            layer.mlp.fc1.weight.mul_(scale)
+
+
+def apply_weight_norm(model: ImplicitLM) -> None:
+    """Reparametrise every Linear/Conv1d of the implicit backbone as ``g * v / |v|`` (per row)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    roots = [model.stack] + ([model.injection] if model.injection is not None else [])
+    for root in roots:
+        for mod in list(root.modules()):
+            if isinstance(mod, nn.Linear | nn.Conv1d):
+                weight_norm(mod, name="weight", dim=0)
+
+
+def build_model(config: ModelConfig, solver: SolverConfig | None = None) -> ImplicitLM:
+    """Build the model registered for ``config.arch`` from its ModuleSpec."""
+    return ImplicitLM(config, solver)

@@ -1,0 +1,95 @@
+"""Model weights as safetensors, written atomically, with the model config in the metadata.
+
+A file is written under a temporary name in the same folder and renamed into place, so a crash
+mid-write never leaves a truncated checkpoint under the real name. Loading checks that the stored
+model config matches the model it is loaded into and names every mismatching field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ilm_megatron.config import Config, ModelConfig, SolverConfig
+from ilm_megatron.models.lm import ImplicitLM
+
+# Fields that change the parameter shapes or the function computed.
+_ARCH_FIELDS = (
+    "arch", "implicit", "vocab_size", "pad_vocab_multiple", "d_model", "n_layers", "d_state",
+    "headdim", "expand", "ngroups", "d_conv", "n_heads", "ffn_hidden_size", "tie_embeddings",
+    "weight_norm",
+)  # fmt: skip
+
+
+def save_model(model: ImplicitLM, cfg: Config, path: Path) -> None:
+    """Write ``model``'s weights and ``cfg`` (model and solver sections) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": "ilm-megatron/1",
+        "model": json.dumps(dataclasses.asdict(cfg.model)),
+        "solver": json.dumps(dataclasses.asdict(cfg.solver)),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_configs(path: Path) -> tuple[ModelConfig, SolverConfig]:
+    """The model and solver configs stored in a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if meta.get("format") != "ilm-megatron/1":
+        raise ValueError(
+            f"{path}: not an ilm-megatron checkpoint (metadata format={meta.get('format')!r})"
+        )
+    return ModelConfig(**json.loads(meta["model"])), SolverConfig(**json.loads(meta["solver"]))
+
+
+def load_model(path: Path, model: ImplicitLM | None = None) -> ImplicitLM:
+    """Load a checkpoint into ``model`` (or into a new model built from the stored config).
+
+    Raises:
+        ValueError: the stored architecture differs from ``model``'s; the message lists the fields.
+    """
+    path = Path(path)
+    mcfg, scfg = read_configs(path)
+    if model is None:
+        model = ImplicitLM(mcfg, scfg)
+    else:
+        diff = [
+            f"{k}: checkpoint {getattr(mcfg, k)!r} vs model {getattr(model.config, k)!r}"
+            for k in _ARCH_FIELDS
+            if getattr(mcfg, k) != getattr(model.config, k)
+        ]
+        if diff:
+            raise ValueError(f"{path}: checkpoint does not match the model: " + "; ".join(diff))
+    state = {}
+    with safe_open(str(path), framework="pt") as fh:
+        for k in fh.keys():
+            state[k] = fh.get_tensor(k)
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    return model
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint (for tools)."""
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}
