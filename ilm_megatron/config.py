@@ -220,7 +220,7 @@ class DataConfig:
     task: str = "word_problem"
     group: str = "S3"  # word problem group
     seq_len: int = 16
-    eval_seq_len: int = 0  # 0: same as seq_len
+    eval_seq_len: int = 64  # also evaluate at this length after training (0: off)
     easy_frac: float = 0.0  # fraction of identity tokens in the word problem
 
     def __post_init__(self) -> None:
