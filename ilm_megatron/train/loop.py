@@ -60,7 +60,12 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch
 def evaluate(
     model: ImplicitLM, cfg: Config, length: int, batches: int, seed: int, device: torch.device
 ) -> dict[str, float]:
-    """Accuracy (all positions and last 10) and solver statistics at ``length``."""
+    """Accuracy (all positions and last 10) and solver statistics at ``length``.
+
+    The simultaneous solve needs about as many iterations as the sequence is long on state-tracking
+    tasks, so the eval cap grows with ``length / data.seq_len`` (never below the configured cap).
+    """
+    cap = math.ceil(model.eval_max_iter() * max(1.0, length / cfg.data.seq_len))
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
@@ -72,7 +77,7 @@ def evaluate(
             cfg.data.group, cfg.train.batch_size, length, g, cfg.data.easy_frac
         )
         x, y = x.to(device), y.to(device)
-        out = model(x)
+        out = model(x, max_iter=cap)
         pred = out.logits[..., :vocab].argmax(-1)
         loss_sum += token_loss(out.logits, y, vocab).item()
         correct += (pred == y).sum().item()

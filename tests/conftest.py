@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny configs from configs/models and deterministic seeds."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+warnings.filterwarnings("ignore", module="megatron")
+
+
+@pytest.fixture
+def root() -> Path:
+    return ROOT
+
+
+def tiny_config(arch: str, implicit: bool = True, overrides: tuple[str, ...] = ()):
+    """Load ``configs/models/{implicit|explicit}_{arch}_tiny.yaml`` with dotted overrides."""
+    from ilm_megatron.config import load_config
+
+    name = f"{'implicit' if implicit else 'explicit'}_{arch}_tiny.yaml"
+    return load_config([CONFIGS / "models" / name], list(overrides))

@@ -1,0 +1,93 @@
+"""The minimal training loop and the ``ilm-train`` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ilm_megatron.config import load_config
+from ilm_megatron.train.checkpoint import load_model, save_model
+from ilm_megatron.train.cli import main
+from ilm_megatron.train.loop import lr_at, train
+
+
+def test_short_run_learns_and_writes_run_dir(tmp_path):
+    cfg = load_config(
+        [],
+        [
+            "train.max_steps=40",
+            "train.log_interval=10",
+            "train.batch_size=32",
+            "data.seq_len=8",
+            "data.eval_seq_len=0",
+            "solver.f_max_iter=8",
+        ],
+    )
+    res = train(cfg, tmp_path, quiet=True)
+    first, last = res.history[0], res.history[-1]
+    assert last["loss"] < first["loss"]
+    for key in ("iters_mean", "iters_max", "residual_mean", "residual_max", "converged_frac"):
+        assert key in last
+    assert last["iters_max"] <= 8
+    assert (tmp_path / "config.yaml").is_file()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[-1])["step"] == 40
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["eval"][0]["length"] == 8
+    # the saved model reproduces the trained model's eval logits
+    model = load_model(tmp_path / "model.safetensors").eval()
+    ids = torch.randint(0, 6, (2, 8))
+    again = load_model(tmp_path / "model.safetensors").eval()
+    assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_checkpoint_of_other_architecture_is_refused(tmp_path):
+    from ilm_megatron.models.lm import build_model
+
+    cfg = load_config()
+    model = build_model(cfg.model, cfg.solver)
+    save_model(model, cfg, tmp_path / "m.safetensors")
+    other = load_config([], ["model.d_model=32", "model.headdim=8"])
+    with pytest.raises(ValueError, match="d_model: checkpoint 64 vs model 32"):
+        load_model(tmp_path / "m.safetensors", build_model(other.model, other.solver))
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_model(tmp_path / "missing.safetensors")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = load_config([], ["train.max_steps=100", "train.warmup_steps=10", "train.lr=1.0"])
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(99, cfg) == pytest.approx(cfg.train.min_lr_ratio, abs=1e-3)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def test_cli_config_error_exit_code(capsys):
+    assert main(["solver.f_tol=0"]) == 2
+    assert "solver.f_tol" in capsys.readouterr().err
+    assert main(["--config", "does/not/exist.yaml"]) == 2
+    assert "does/not/exist.yaml" in capsys.readouterr().err
+
+
+def test_cli_entry_point_runs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "ilm_megatron.train.cli", f"run_dir={tmp_path}",
+         "train.max_steps=4", "train.log_interval=2", "data.eval_seq_len=0", "data.seq_len=8"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert "step     4" in out.stdout and "eval length 8" in out.stdout
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_default_run_solves_s3_and_extrapolates(tmp_path):
+    """The README's main job: the default run reaches near-perfect accuracy at 4x its length."""
+    res = train(load_config([], [f"run_dir={tmp_path}"]), tmp_path, quiet=True)
+    at16, at64 = res.final["eval"]
+    assert at16["acc_all"] > 0.97, at16
+    assert at64["length"] == 64 and at64["acc_last10"] > 0.9, at64
