@@ -18,7 +18,7 @@ class Mamba2Cache:
 
     Attributes:
         conv: (b, conv_dim, d_conv - 1) the last ``d_conv - 1`` pre-convolution xBC inputs.
-        ssm: (b, nheads, headdim, d_state) SSM state, fp32.
+        ssm: (b, nheads, headdim, d_state) SSM state, at least fp32.
     """
 
     conv: torch.Tensor

@@ -118,7 +118,7 @@ class Mamba2Mixer(nn.Module):
         # 4. gated norm and output projection
         y = self.norm(y.reshape(b, l, self.d_inner), gate)
         out = self.out_proj(y)
-        cache = Mamba2Cache(conv=window, ssm=state.float()) if return_cache else None
+        cache = Mamba2Cache(conv=window, ssm=upcast(state)) if return_cache else None
         return out, cache
 
     def step(
@@ -154,6 +154,11 @@ class Mamba2Mixer(nn.Module):
         return Mamba2Cache(
             conv=torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
             ssm=torch.zeros(
-                batch, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32
+                batch,
+                self.nheads,
+                self.headdim,
+                self.d_state,
+                device=device,
+                dtype=torch.promote_types(dtype, torch.float32),
             ),
         )
