@@ -20,16 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._dtype import compute_dtype as _compute_dtype
+
 __all__ = ["causal_conv1d_reference", "causal_conv1d_step"]
-
-
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """The dtype to compute in: float32, or wider if any given tensor is wider."""
-    dtype = torch.float32
-    for t in tensors:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def causal_conv1d_reference(

@@ -9,16 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._dtype import compute_dtype as _compute_dtype
+
 __all__ = ["gated_rms_norm", "rms_norm"]
-
-
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """The dtype to compute in: float32, or wider if any given tensor is wider."""
-    dtype = torch.float32
-    for t in tensors:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:

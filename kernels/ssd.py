@@ -29,16 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._dtype import compute_dtype as _compute_dtype
+
 __all__ = ["segsum", "ssd_naive", "ssd_scan_reference", "ssd_step"]
-
-
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """The dtype to compute in: float32, or wider if any given tensor is wider."""
-    dtype = torch.float32
-    for t in tensors:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def _expand_groups(t: Tensor, nheads: int) -> Tensor:

@@ -18,6 +18,17 @@ def root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and steadiest on busy cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_config(arch: str, implicit: bool = True, overrides: tuple[str, ...] = ()):
     """Load ``configs/models/{implicit|explicit}_{arch}_tiny.yaml`` with dotted overrides."""
     from ilm_megatron.config import load_config

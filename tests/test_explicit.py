@@ -26,12 +26,7 @@ ARCHS = ("mamba2", "llama")
 TOL = {"rtol": 1e-12, "atol": 1e-12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(arch: str, implicit: bool):

@@ -39,14 +39,8 @@ RTOL_FP64 = 1e-11  # measured < 1e-15
 VOCAB = 29
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread. With OpenMP threads competing for busy cores, a single
-    float64 depthwise conv1d call took ~1 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny float64 tensors: with OpenMP threads competing for busy cores a conv1d call took ~1 s
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=["as_is", "fp64"])
