@@ -201,7 +201,7 @@ class TrainConfig:
     beta2: float = 0.95
     clip_grad: float = 0.25
     log_interval: int = 25
-    eval_interval: int = 0  # 0: evaluate once at the end
+    eval_interval: int = 0  # validate every N steps (0: only at the end)
     eval_batches: int = 4
     seed: int = 1234
     device: str = "auto"  # "auto" | "cpu" | "cuda"
@@ -318,17 +318,15 @@ def load_config(
         except OmegaConfBaseException as e:
             raise ConfigError(f"command line: cannot parse override {ov!r}: {e}") from None
         cfg = _merge(cfg, dot, f"command line override {ov!r}")
+    src = " + ".join([str(p) for p in paths] + (["command line"] if overrides else []))
+    src = src or "defaults"
     try:
         obj = OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except OmegaConfBaseException as e:
-        raise ConfigError(str(e)) from None
-    src = ", ".join(str(p) for p in paths) or "defaults"
-    assert isinstance(obj, Config)
-    try:
+        assert isinstance(obj, Config)
         _validate_cross(obj)
-    except ConfigError as e:
+    except ConfigError as e:  # value checks of __post_init__: name where the values came from
+        raise ConfigError(f"{src}: {e}") from None
+    except OmegaConfBaseException as e:
         raise ConfigError(f"{src}: {e}") from None
     return obj
 

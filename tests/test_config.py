@@ -114,3 +114,11 @@ def test_malformed_override_and_yaml(tmp_path):
     p.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml"):
         load_config([p])
+
+
+def test_value_errors_name_the_file(tmp_path):
+    p = tmp_path / "tol.yaml"
+    p.write_text("solver:\n  f_tol: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([p])
+    assert str(p) in str(e.value) and "solver.f_tol" in str(e.value)

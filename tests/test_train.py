@@ -59,6 +59,18 @@ def test_checkpoint_of_other_architecture_is_refused(tmp_path):
         load_model(tmp_path / "missing.safetensors")
 
 
+def test_periodic_validation_and_parallel_keys_refused(tmp_path):
+    cfg = load_config(
+        [],
+        ["train.max_steps=4", "train.log_interval=2", "train.eval_interval=2",
+         "train.eval_batches=1", "data.seq_len=8", "data.eval_seq_len=0", "solver.f_max_iter=4"],
+    )  # fmt: skip
+    res = train(cfg, tmp_path, quiet=True)
+    assert all("val_acc_all" in rec and "val_iters_mean" in rec for rec in res.history)
+    with pytest.raises(NotImplementedError, match="parallel.tp=2"):
+        train(load_config([], ["parallel.tp=2"]), tmp_path / "tp", quiet=True)
+
+
 def test_lr_schedule_warmup_then_cosine():
     cfg = load_config([], ["train.max_steps=100", "train.warmup_steps=10", "train.lr=1.0"])
     assert lr_at(0, cfg) == pytest.approx(0.1)

@@ -101,6 +101,13 @@ def evaluate(
 
 def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
     """Train ``cfg`` in this process and write ``run_dir``. Returns history and final metrics."""
+    par = cfg.parallel
+    if par.tp * par.pp > 1 or par.zero_stage or par.microbatches > 1:
+        raise NotImplementedError(
+            f"parallel.tp={par.tp}, parallel.pp={par.pp}, parallel.microbatches="
+            f"{par.microbatches}, parallel.zero_stage={par.zero_stage}: this trainer runs a single "
+            "process; tensor/pipeline parallelism and ZeRO are not available in it yet"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     device = resolve_device(cfg.train.device)
@@ -155,6 +162,11 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
             rec["residual_max"] = max(w["residual_max"] for w in window)
             rec.update(step=step + 1, tokens=tokens, lr=lr, tokens_per_s=tokens / elapsed)
             window = []
+            if cfg.train.eval_interval and (step + 1) % cfg.train.eval_interval == 0:
+                ev = evaluate(
+                    model, cfg, cfg.data.seq_len, cfg.train.eval_batches, cfg.train.seed + 2, device
+                )
+                rec.update({f"val_{k}": v for k, v in ev.items() if k != "length"})
             result.history.append(rec)
             with log_path.open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
@@ -164,6 +176,7 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
                 f"/{rec['iters_max']:.0f} | res {rec['residual_mean']:.2e}"
                 f"/{rec['residual_max']:.2e} | conv {rec['converged_frac']:.2f} | "
                 f"{rec['tokens_per_s']:.0f} tok/s"
+                + (f" | val acc {rec['val_acc_all']:.3f}" if "val_acc_all" in rec else "")
             )
     lengths = [cfg.data.seq_len] + ([cfg.data.eval_seq_len] if cfg.data.eval_seq_len else [])
     evals = [
