@@ -7,7 +7,6 @@ so that argument and file checks fail fast with exit code 2 before any of them i
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -18,6 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+
+from ilm_megatron.argtypes import positive_float, positive_int  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from ilm_megatron.config import Config
@@ -36,28 +37,6 @@ def fail(prog: str, msg: str) -> NoReturn:
     """Print ``prog: error: msg`` on stderr and exit with code 2."""
     print(f"{prog}: error: {msg}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def check_file(path: str | Path, what: str) -> Path:

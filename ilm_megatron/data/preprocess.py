@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ilm_megatron.argtypes import positive_int
 from ilm_megatron.data.tokenizer import TokenizerError, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -593,16 +594,6 @@ def run(opts: Options) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- CLI
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``tools/preprocess_data.py``."""
     p = argparse.ArgumentParser(
@@ -632,14 +623,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seq-len",
         required=True,
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="sequence length; samples hold N+1 tokens",
     )
-    p.add_argument("--samples-per-shard", type=_positive_int, default=1024, metavar="K")
+    p.add_argument("--samples-per-shard", type=positive_int, default=1024, metavar="K")
     p.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="W",
         help="tokenizer processes (output does not depend on it)",
