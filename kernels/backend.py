@@ -1,0 +1,65 @@
+"""Kernel backend selection, shared by every dispatching entry point.
+
+``backend`` is one of:
+
+* ``"auto"`` — our Triton kernels for CUDA tensors, the PyTorch reference for everything else;
+* ``"reference"`` — the PyTorch reference (any device);
+* ``"triton"`` — our Triton kernels; on CPU tensors only under the Triton interpreter
+  (``TRITON_INTERPRET=1``, used by the tests);
+* ``"mamba_ssm"`` — mamba-ssm's kernels (CUDA only, optional dependency).
+
+Importing this module never imports triton, CUDA libraries or mamba-ssm.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "mamba_ssm")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested kernel backend cannot run here; the message says why and what to do."""
+
+
+def triton_interpreter() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
+    """Map a requested backend to the one that will run for these tensors.
+
+    Raises:
+        ValueError: unknown backend name.
+        BackendUnavailable: the backend cannot run for these tensors on this machine.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    if backend == "auto":
+        return "triton" if on_cuda and has_module("triton") else "reference"
+    if backend == "triton":
+        if not has_module("triton"):
+            raise BackendUnavailable("backend 'triton' requested but triton is not installed")
+        if not on_cuda and not triton_interpreter():
+            raise BackendUnavailable(
+                "backend 'triton' on CPU tensors needs the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before importing ilm_kernels (or use backend='reference')"
+            )
+    if backend == "mamba_ssm":
+        if not has_module("mamba_ssm"):
+            raise BackendUnavailable(
+                "backend 'mamba_ssm' requested but mamba-ssm is not installed "
+                "(pip install 'ilm-megatron[gpu]' --no-build-isolation)"
+            )
+        if not on_cuda:
+            raise BackendUnavailable("backend 'mamba_ssm' runs on CUDA tensors only")
+    return backend
