@@ -21,7 +21,7 @@ import torch
 BACKENDS = ("auto", "reference", "triton", "mamba_ssm")
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailableError(RuntimeError):
     """The requested kernel backend cannot run here; the message says why and what to do."""
 
 
@@ -39,7 +39,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
 
     Raises:
         ValueError: unknown backend name.
-        BackendUnavailable: the backend cannot run for these tensors on this machine.
+        BackendUnavailableError: the backend cannot run for these tensors on this machine.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
@@ -48,18 +48,18 @@ def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
         return "triton" if on_cuda and has_module("triton") else "reference"
     if backend == "triton":
         if not has_module("triton"):
-            raise BackendUnavailable("backend 'triton' requested but triton is not installed")
+            raise BackendUnavailableError("backend 'triton' requested but triton is not installed")
         if not on_cuda and not triton_interpreter():
-            raise BackendUnavailable(
+            raise BackendUnavailableError(
                 "backend 'triton' on CPU tensors needs the Triton interpreter: set "
                 "TRITON_INTERPRET=1 before importing ilm_kernels (or use backend='reference')"
             )
     if backend == "mamba_ssm":
         if not has_module("mamba_ssm"):
-            raise BackendUnavailable(
+            raise BackendUnavailableError(
                 "backend 'mamba_ssm' requested but mamba-ssm is not installed "
                 "(pip install 'ilm-megatron[gpu]' --no-build-isolation)"
             )
         if not on_cuda:
-            raise BackendUnavailable("backend 'mamba_ssm' runs on CUDA tensors only")
+            raise BackendUnavailableError("backend 'mamba_ssm' runs on CUDA tensors only")
     return backend
