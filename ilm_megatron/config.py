@@ -138,6 +138,9 @@ class SolverConfig:
     f_tol: float = 0.05
     phantom_steps: int = 4
     phantom_damping: float = 0.8
+    # "autograd": keep the activations of the k phantom evaluations (fastest backward);
+    # "recompute": keep only the k iterates and re-evaluate F one step at a time in backward.
+    phantom_impl: str = "autograd"
     # Evaluation: "train" reuses the training rule; "reference" is the damped loop of the
     # reference code (one norm over the whole batch, then one undamped call).
     eval_solver: str = "train"
@@ -158,6 +161,12 @@ class SolverConfig:
             s,
             "phantom_damping",
             f"must be in (0, 1], got {self.phantom_damping}",
+        )
+        _check(
+            self.phantom_impl in ("autograd", "recompute"),
+            s,
+            "phantom_impl",
+            f"must be 'autograd' or 'recompute', got {self.phantom_impl!r}",
         )
         _check(
             self.eval_solver in ("train", "reference"),

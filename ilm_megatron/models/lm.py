@@ -23,7 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
 from ilm_megatron.config import ModelConfig, SolverConfig
-from ilm_megatron.implicit.phantom import phantom_steps
+from ilm_megatron.implicit.phantom import phantom_steps, phantom_steps_recompute
 from ilm_megatron.implicit.sequential import solve_token
 from ilm_megatron.implicit.solver import SolverStats, solve, solve_damped_reference
 from ilm_megatron.models.layers import Linear, RMSNorm
@@ -126,7 +126,11 @@ class ImplicitLM(nn.Module):
         if self.training and torch.is_grad_enabled():
             cap = s.f_max_iter if max_iter is None else max_iter
             z_star, stats = solve(f, z0, cap, s.f_tol)
-            z = phantom_steps(f, z_star, s.phantom_steps, s.phantom_damping)
+            if s.phantom_impl == "recompute":
+                inputs = [u, *(p for p in self.stack.parameters() if p.requires_grad)]
+                z = phantom_steps_recompute(f, z_star, s.phantom_steps, s.phantom_damping, inputs)
+            else:
+                z = phantom_steps(f, z_star, s.phantom_steps, s.phantom_damping)
         else:
             z, stats = self.solve_eval(f, z0, max_iter)
         return LMOutput(self.head(z), stats, hidden=z)
