@@ -51,14 +51,32 @@ class KVCache:
         """Valid keys and values, each (b, heads, length, head_dim)."""
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
-    def commit(self, update: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Append one position; ``update`` = (k_t, v_t), each (b, heads, 1, head_dim)."""
-        k_t, v_t = update
+    def _reserve(self) -> None:
+        """Make room for one more position (capacity doubles, amortised O(1))."""
         if self.length == self.k.shape[2]:
             grow = max(16, self.length)
             pad = self.k.new_zeros(*self.k.shape[:2], grow, self.k.shape[3])
             self.k = torch.cat([self.k, pad], dim=2)
             self.v = torch.cat([self.v, pad.clone()], dim=2)
+
+    def with_candidate(
+        self, k_t: torch.Tensor, v_t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of positions ``0..length`` with the current token's candidate appended.
+
+        The candidate goes into the free slot at ``length``, outside the valid range, so the
+        cached positions are untouched and nothing is copied. Returns views (b, heads, length+1, e)
+        that are valid until the next call.
+        """
+        self._reserve()
+        self.k[:, :, self.length : self.length + 1] = k_t
+        self.v[:, :, self.length : self.length + 1] = v_t
+        return self.k[:, :, : self.length + 1], self.v[:, :, : self.length + 1]
+
+    def commit(self, update: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Append one position; ``update`` = (k_t, v_t), each (b, heads, 1, head_dim)."""
+        k_t, v_t = update
+        self._reserve()
         self.k[:, :, self.length : self.length + 1] = k_t
         self.v[:, :, self.length : self.length + 1] = v_t
         self.length += 1

@@ -85,9 +85,7 @@ class SelfAttention(nn.Module):
         b = h.shape[0]
         pos = torch.tensor([cache.length], device=h.device)
         q, k_t, v_t = self._qkv(h[:, None], None if u is None else u[:, None], pos)
-        k_prev, v_prev = cache.view()
-        k = torch.cat([k_prev, k_t], dim=2)
-        v = torch.cat([v_prev, v_t], dim=2)
+        k, v = cache.with_candidate(k_t, v_t)  # positions < length stay as committed
         o = F.scaled_dot_product_attention(q, k, v)  # the single query sees every key
         return self.out_proj(o.reshape(b, self.d_model)), (k_t, v_t)
 
