@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,12 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
     log_path = run_dir / "metrics.jsonl"
     log_path.write_text("")
     n_params = sum(p.numel() for p in model.parameters())
-    say = (lambda *a: None) if quiet else print
+    bar = None
+    if not quiet and sys.stdout.isatty():  # a progress bar for people, plain lines for logs
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, unit="step", dynamic_ncols=True, leave=False)
+    say = (lambda *a: None) if quiet else (bar.write if bar is not None else print)
     say(
         f"ilm-train: {'implicit' if cfg.model.implicit else 'explicit'} {cfg.model.arch}, "
         f"{n_params / 1e3:.1f}K params, {cfg.data.group} word problem at length "
@@ -151,6 +157,8 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad or 1e30)
         opt.step()
+        if bar is not None:
+            bar.update(1)
         tokens += y.numel()
         acc = (out.logits[..., :vocab].argmax(-1) == y).float().mean().item()
         s = out.stats.summary()
@@ -178,6 +186,8 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
                 f"{rec['tokens_per_s']:.0f} tok/s"
                 + (f" | val acc {rec['val_acc_all']:.3f}" if "val_acc_all" in rec else "")
             )
+    if bar is not None:
+        bar.close()
     lengths = [cfg.data.seq_len] + ([cfg.data.eval_seq_len] if cfg.data.eval_seq_len else [])
     evals = [
         evaluate(model, cfg, n, cfg.train.eval_batches, cfg.train.seed + 2, device) for n in lengths
