@@ -215,9 +215,29 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    # checkpoints (run_dir/checkpoints/step-NNNNNNNN, "latest" pointer written last)
+    save_interval: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGINT)
+    keep_last: int = 3
+    resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
+    max_nan_steps: int = 10  # stop after this many non-finite losses in a row
+    tensorboard: bool = True
+    # solver curriculum by tokens: "none" or "bounded_then_free" (DESIGN §2)
+    curriculum: str = "none"
+    bounded_fraction: float = 0.8
+    bounded_max_iter: int = 4
+    bounded_phantom_steps: int = 1
 
     def __post_init__(self) -> None:
         s = "train"
+        _check(
+            self.curriculum in ("none", "bounded_then_free"),
+            s,
+            "curriculum",
+            f"must be 'none' or 'bounded_then_free', got {self.curriculum!r}",
+        )
+        _check(0 <= self.bounded_fraction <= 1, s, "bounded_fraction", "must be in [0, 1]")
+        _check(self.keep_last >= 1, s, "keep_last", f"must be >= 1, got {self.keep_last}")
+        _check(self.max_nan_steps >= 1, s, "max_nan_steps", "must be >= 1")
         for k in ("max_steps", "batch_size", "log_interval"):
             _check(getattr(self, k) > 0, s, k, f"must be > 0, got {getattr(self, k)}")
         _check(self.lr > 0, s, "lr", f"must be > 0, got {self.lr}")

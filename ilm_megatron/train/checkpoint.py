@@ -93,3 +93,74 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint (for tools)."""
     with safe_open(str(path), framework="pt") as fh:
         return {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: run_dir/checkpoints/step-NNNNNNNN/{model.safetensors,trainer.pt}
+
+
+def _step_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f"step-{step:08d}"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_training_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model: ImplicitLM,
+    cfg: Config,
+    trainer_state: dict,
+    keep_last: int,
+) -> Path:
+    """Write a complete training checkpoint atomically and point ``latest`` at it.
+
+    The folder is built under a temporary name and renamed into place; ``latest`` (a one-line
+    text file) is replaced last. A process killed at any moment leaves the previous checkpoint
+    loadable through ``latest``. Older checkpoints beyond ``keep_last`` are removed afterwards.
+    """
+    import shutil
+
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = _step_dir(ckpt_root, step)
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        save_model(model, cfg, tmp / "model.safetensors")
+        torch.save(trainer_state, tmp / "trainer.pt")
+        if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _write_text_atomic(ckpt_root / "latest", final.name + "\n")
+    steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The folder ``latest`` points at, or None when there is no checkpoint yet."""
+    pointer = Path(ckpt_root) / "latest"
+    if not pointer.is_file():
+        return None
+    target = Path(ckpt_root) / pointer.read_text().strip()
+    if not (target / "model.safetensors").is_file() or not (target / "trainer.pt").is_file():
+        raise FileNotFoundError(f"{pointer} points at {target}, which is not a complete checkpoint")
+    return target
+
+
+def load_training_checkpoint(path: Path, model: ImplicitLM) -> dict:
+    """Load weights into ``model`` (architecture checked) and return the trainer state."""
+    load_model(Path(path) / "model.safetensors", model)
+    return torch.load(Path(path) / "trainer.pt", weights_only=True)

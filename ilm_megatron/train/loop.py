@@ -1,10 +1,11 @@
 """Single-process training loop (the core that ``ilm-train`` runs).
 
-One step: draw a batch, no-grad fixed-point solve, ``k`` phantom steps with autograd, loss,
-backward, clip, AdamW. Every ``log_interval`` steps it prints loss, accuracy, learning rate, grad
-norm, throughput and the solver's iterations and residuals, and appends the same record to
-``<run_dir>/metrics.jsonl``. At the end it evaluates, saves the model atomically and returns the
-final metrics.
+One step: set the curriculum phase, draw a batch, no-grad fixed-point solve, ``k`` phantom steps
+with autograd, loss, backward, clip, AdamW (non-finite steps are skipped and counted). Every
+``log_interval`` steps it prints loss, accuracy, learning rate, grad norm, throughput and the
+solver's iterations and residuals, and writes the same record to ``<run_dir>/metrics.jsonl`` and
+TensorBoard. Checkpoints are atomic and resumable (``checkpoint.py``). At the end it evaluates,
+saves the model and returns the final metrics.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,14 @@ import torch.nn.functional as F
 from ilm_megatron.config import Config, config_to_yaml
 from ilm_megatron.data.word_problem import sample_word_problem
 from ilm_megatron.models.lm import ImplicitLM, build_model
-from ilm_megatron.train.checkpoint import save_model
+from ilm_megatron.train.checkpoint import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    save_model,
+    save_training_checkpoint,
+)
+from ilm_megatron.train.curriculum import apply_phase, phase_at
+from ilm_megatron.train.metrics import MetricsLogger, memory_gb
 
 
 @dataclass
@@ -100,8 +109,28 @@ def evaluate(
     }
 
 
-def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
-    """Train ``cfg`` in this process and write ``run_dir``. Returns history and final metrics."""
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: finish the step, save a checkpoint, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _check_parallel(cfg: Config) -> None:
     par = cfg.parallel
     if par.tp * par.pp > 1 or par.zero_stage or par.microbatches > 1:
         raise NotImplementedError(
@@ -109,8 +138,21 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
             f"{par.microbatches}, parallel.zero_stage={par.zero_stage}: this trainer runs a single "
             "process; tensor/pipeline parallelism and ZeRO are not available in it yet"
         )
+
+
+def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
+    """Train ``cfg`` in this process and write ``run_dir``. Returns history and final metrics.
+
+    Resumes from ``run_dir/checkpoints/latest`` when it exists (``train.resume``): model,
+    optimizer, RNG and data-generator state, step and token counters, so that on a CPU the loss
+    sequence is bitwise identical to an uninterrupted run. SIGTERM/SIGINT finish the current step,
+    save a checkpoint and return (``result.final["preempted"]``).
+    """
+    _check_parallel(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    config_text = config_to_yaml(cfg)
+    (run_dir / "config.yaml").write_text(config_text)
+    ckpt_root = run_dir / "checkpoints"
     device = resolve_device(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -124,85 +166,165 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
         weight_decay=cfg.train.weight_decay,
     )
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    counters = {"step": 0, "tokens": 0, "nan_streak": 0, "nan_skipped": 0, "unconverged": 0}
+    log = MetricsLogger(run_dir, quiet, cfg.train.tensorboard, config_text, cfg.train.max_steps)
+    latest = latest_checkpoint(ckpt_root) if cfg.train.resume else None
+    if latest is not None:
+        state = load_training_checkpoint(latest, model)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_torch"])
+        gen.set_state(state["rng_data"])
+        counters.update(state["counters"])
+        log.say(f"ilm-train: resumed from {latest} at step {counters['step']}")
+    elif cfg.train.resume is False or not (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").write_text("")
+
+    def save() -> Path:
+        state = {
+            "optimizer": opt.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_data": gen.get_state(),
+            "counters": dict(counters),
+        }
+        return save_training_checkpoint(
+            ckpt_root, counters["step"], model, cfg, state, cfg.train.keep_last
+        )
+
     vocab = cfg.model.vocab_size
     result = TrainResult(run_dir)
-    log_path = run_dir / "metrics.jsonl"
-    log_path.write_text("")
     n_params = sum(p.numel() for p in model.parameters())
-    bar = None
-    if not quiet and sys.stdout.isatty():  # a progress bar for people, plain lines for logs
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.train.max_steps, unit="step", dynamic_ncols=True, leave=False)
-    say = (lambda *a: None) if quiet else (bar.write if bar is not None else print)
-    say(
+    log.say(
         f"ilm-train: {'implicit' if cfg.model.implicit else 'explicit'} {cfg.model.arch}, "
         f"{n_params / 1e3:.1f}K params, {cfg.data.group} word problem at length "
         f"{cfg.data.seq_len}, {cfg.train.max_steps} steps on {device}; run dir {run_dir}"
     )
     t0 = time.perf_counter()
-    tokens = 0
+    tokens_at_start = counters["tokens"]
     window: list[dict[str, float]] = []
-    for step in range(cfg.train.max_steps):
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = sample_word_problem(
-            cfg.data.group, cfg.train.batch_size, cfg.data.seq_len, gen, cfg.data.easy_frac
-        )
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        loss = token_loss(out.logits, y, vocab)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad or 1e30)
-        opt.step()
-        if bar is not None:
-            bar.update(1)
-        tokens += y.numel()
-        acc = (out.logits[..., :vocab].argmax(-1) == y).float().mean().item()
-        s = out.stats.summary()
-        window.append({"loss": loss.item(), "acc": acc, "grad_norm": gnorm.item(), **s})
-        if (step + 1) % cfg.train.log_interval == 0 or step + 1 == cfg.train.max_steps:
-            elapsed = time.perf_counter() - t0
-            rec = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-            rec["iters_max"] = max(w["iters_max"] for w in window)
-            rec["residual_max"] = max(w["residual_max"] for w in window)
-            rec.update(step=step + 1, tokens=tokens, lr=lr, tokens_per_s=tokens / elapsed)
-            window = []
-            if cfg.train.eval_interval and (step + 1) % cfg.train.eval_interval == 0:
-                ev = evaluate(
-                    model, cfg, cfg.data.seq_len, cfg.train.eval_batches, cfg.train.seed + 2, device
-                )
-                rec.update({f"val_{k}": v for k, v in ev.items() if k != "length"})
-            result.history.append(rec)
-            with log_path.open("a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            say(
-                f"step {rec['step']:5d} | loss {rec['loss']:.4f} | acc {rec['acc']:.3f} | "
-                f"lr {lr:.2e} | gnorm {rec['grad_norm']:.3f} | iters {rec['iters_mean']:.1f}"
-                f"/{rec['iters_max']:.0f} | res {rec['residual_mean']:.2e}"
-                f"/{rec['residual_max']:.2e} | conv {rec['converged_frac']:.2f} | "
-                f"{rec['tokens_per_s']:.0f} tok/s"
-                + (f" | val acc {rec['val_acc_all']:.3f}" if "val_acc_all" in rec else "")
+    iters_seen: list[torch.Tensor] = []
+    preempted = None
+    with _StopFlag() as stop:
+        while counters["step"] < cfg.train.max_steps:
+            step = counters["step"]
+            phase = phase_at(counters["tokens"], cfg)
+            apply_phase(phase, model.solver_config)
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = sample_word_problem(
+                cfg.data.group, cfg.train.batch_size, cfg.data.seq_len, gen, cfg.data.easy_frac
             )
-    if bar is not None:
-        bar.close()
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss = token_loss(out.logits, y, vocab)
+            opt.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.train.clip_grad or float("inf")
+                )
+                finite = bool(torch.isfinite(gnorm))
+            if finite:
+                opt.step()
+                counters["nan_streak"] = 0
+            else:  # skip the update, count it, stop after too many in a row
+                opt.zero_grad(set_to_none=True)
+                counters["nan_streak"] += 1
+                counters["nan_skipped"] += 1
+                log.say(f"step {step + 1}: non-finite loss or gradient, update skipped")
+                if counters["nan_streak"] >= cfg.train.max_nan_steps:
+                    log.close()
+                    raise FloatingPointError(
+                        f"{counters['nan_streak']} non-finite steps in a row "
+                        f"(train.max_nan_steps={cfg.train.max_nan_steps}); last checkpoint: "
+                        f"{latest_checkpoint(ckpt_root)}"
+                    )
+            counters["step"] += 1
+            counters["tokens"] += y.numel()
+            log.advance(counters["step"])
+            st = out.stats
+            if cfg.model.implicit and st.converged_frac < 1.0:
+                counters["unconverged"] += 1  # solver hit its cap before the tolerance
+            iters_seen.append(st.sample_iters.detach().cpu())
+            acc = (out.logits[..., :vocab].argmax(-1) == y).float().mean().item()
+            window.append(
+                {
+                    "loss": loss.item(),
+                    "acc": acc,
+                    "grad_norm": gnorm.item() if finite else float("nan"),
+                    **st.summary(),
+                }
+            )
+            last = counters["step"] == cfg.train.max_steps
+            if counters["step"] % cfg.train.log_interval == 0 or last:
+                elapsed = time.perf_counter() - t0
+                rec = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                rec["iters_max"] = max(w["iters_max"] for w in window)
+                rec["residual_max"] = max(w["residual_max"] for w in window)
+                rec.update(
+                    step=counters["step"],
+                    tokens=counters["tokens"],
+                    lr=lr,
+                    tokens_per_s=(counters["tokens"] - tokens_at_start) / elapsed,
+                    mem_gb=memory_gb(device),
+                    phase=phase.index,
+                    unconverged_steps=counters["unconverged"],
+                    nan_skipped=counters["nan_skipped"],
+                )
+                window = []
+                if cfg.train.eval_interval and counters["step"] % cfg.train.eval_interval == 0:
+                    ev = evaluate(
+                        model,
+                        cfg,
+                        cfg.data.seq_len,
+                        cfg.train.eval_batches,
+                        cfg.train.seed + 2,
+                        device,
+                    )
+                    rec.update({f"val_{k}": v for k, v in ev.items() if k != "length"})
+                result.history.append(rec)
+                log.record(rec, torch.cat(iters_seen))
+                iters_seen = []
+                log.say(_format_record(rec, phase.name))
+            if cfg.train.save_interval and counters["step"] % cfg.train.save_interval == 0:
+                save()
+            if stop.signum is not None and not last:
+                path = save()
+                preempted = signal.Signals(stop.signum).name
+                log.say(f"ilm-train: {preempted} received, saved {path}; exiting")
+                break
+    log.close()
+    if preempted:
+        result.final = {"preempted": preempted, "step": counters["step"]}
+        return result
     lengths = [cfg.data.seq_len] + ([cfg.data.eval_seq_len] if cfg.data.eval_seq_len else [])
     evals = [
         evaluate(model, cfg, n, cfg.train.eval_batches, cfg.train.seed + 2, device) for n in lengths
     ]
     for ev in evals:
-        say(
+        log.say(
             f"eval length {ev['length']}: acc {ev['acc_all']:.3f} (last 10: "
             f"{ev['acc_last10']:.3f}), loss {ev['loss']:.4f}, solver iters "
             f"{ev['iters_mean']:.1f}/{ev['iters_max']:.0f}, residual max {ev['residual_max']:.2e}"
         )
+    save()
     save_model(model, cfg, run_dir / "model.safetensors")
     result.final = {"eval": evals, "train": result.history[-1] if result.history else {}}
     (run_dir / "final.json").write_text(json.dumps(result.final, indent=2))
-    say(f"saved {run_dir / 'model.safetensors'} (+ config.yaml, metrics.jsonl, final.json)")
+    log.say(f"saved {run_dir / 'model.safetensors'} (+ config.yaml, metrics.jsonl, final.json)")
     return result
+
+
+def _format_record(rec: dict[str, Any], phase: str) -> str:
+    return (
+        f"step {rec['step']:5d} | loss {rec['loss']:.4f} | acc {rec['acc']:.3f} | "
+        f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | iters {rec['iters_mean']:.1f}"
+        f"/{rec['iters_max']:.0f} ({phase}) | res {rec['residual_mean']:.2e}"
+        f"/{rec['residual_max']:.2e} | conv {rec['converged_frac']:.2f} | "
+        f"{rec['tokens_per_s']:.0f} tok/s"
+        + (f" | val acc {rec['val_acc_all']:.3f}" if "val_acc_all" in rec else "")
+    )
 
 
 def default_run_dir(cfg: Config) -> Path:
