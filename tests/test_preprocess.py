@@ -153,7 +153,10 @@ def test_round_trip_and_manifest(tmp_path: Path) -> None:
     assert run_pp([src], out, "--seed", "7") == 0
     tok = ByteTokenizer()
     docs = DOCS + ["A whole text file\nis one document.\n"]  # sorted: a.jsonl, b.jsonl, c.txt
-    rows, tail = expected_rows(docs, tok, 32)
+    # Packing is per input file: each file's stream is cut on its own and its tail dropped.
+    per_file = [expected_rows(d, tok, 32) for d in (DOCS[:20], DOCS[20:], docs[-1:])]
+    rows = np.concatenate([r for r, _ in per_file])
+    tail = sum(t for _, t in per_file)
     keys, got = read_rows_tarfile(out)
     np.testing.assert_array_equal(got, rows)
     assert keys == [f"{i:012d}" for i in range(len(rows))]

@@ -2,10 +2,17 @@
 
 Documents are read in a deterministic order (input files sorted by path, lines in file order),
 tokenized (in parallel worker processes when ``--workers > 1``), followed by the EOD token,
-concatenated and cut into samples of ``seq_len + 1`` tokens. Samples are written to
-``shard-NNNNNN.tar`` files of ``--samples-per-shard`` samples; ``manifest.json`` is written last.
-Workers only tokenize; reading, packing and writing happen in order in the parent process, so the
-output is byte-identical whatever the worker count. See ``docs/data.md`` for the format.
+concatenated and cut into samples of ``seq_len + 1`` tokens. Packing is per input file: the token
+stream of each file is cut on its own and its tail (shorter than a sample) is dropped, so the
+samples of a file do not depend on the other files. Samples are written to ``shard-NNNNNN.tar``
+files of ``--samples-per-shard`` samples; ``manifest.json`` is written last. Workers only tokenize;
+reading, packing and writing happen in order in the parent process, so the output is
+byte-identical whatever the worker count. See ``docs/data.md`` for the format.
+
+With ``--input-shard I/N`` the run is job ``I`` of ``N``: it takes the ``I``-th contiguous slice of
+the sorted input file list and writes ``part-IIIII-of-NNNNN-shard-KKKKKK.tar`` shards and a
+``part-IIIII-of-NNNNN-manifest.json``; ``tools/merge_manifests.py`` joins the parts into a dataset
+byte-identical to a single run on all the inputs (see ``docs/data_tools.md``).
 
 Exit codes of :func:`main`: 0 on success, 2 on bad arguments or bad inputs.
 """
@@ -48,6 +55,7 @@ ERROR_KINDS = (
     "truncated_zst",
 )
 _SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
+_PART_RE = re.compile(r"^\.?part-(\d{5})-of-(\d{5})-")
 _BATCH_DOCS = 64
 _BATCH_CHARS = 1 << 22
 _READ_CHUNK = 1 << 20
@@ -58,9 +66,41 @@ class PreprocessError(Exception):
     """Bad arguments or bad inputs; :func:`main` prints the message and exits with code 2."""
 
 
-def shard_name(index: int) -> str:
-    """File name of shard ``index``: ``shard-000000.tar``, ``shard-000001.tar``, ..."""
-    return f"shard-{index:06d}.tar"
+def shard_name(index: int, prefix: str = "") -> str:
+    """File name of shard ``index``: ``shard-000000.tar``, ... (``prefix`` put in front)."""
+    return f"{prefix}shard-{index:06d}.tar"
+
+
+def part_prefix(index: int, count: int) -> str:
+    """File-name prefix of job ``index`` of ``count``: ``part-00003-of-00030-``."""
+    return f"part-{index:05d}-of-{count:05d}-"
+
+
+def parse_input_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` as ``(I, N)`` with ``0 <= I < N``; raises :class:`PreprocessError` otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m:
+        raise PreprocessError(f"--input-shard must be I/N (e.g. 3/30), got {text!r}")
+    index, count = int(m.group(1)), int(m.group(2))
+    if count < 1 or not 0 <= index < count or count > 99999:
+        raise PreprocessError(f"--input-shard {text!r}: need 0 <= I < N <= 99999")
+    return index, count
+
+
+def select_input_shard(files: Sequence[Path], index: int, count: int) -> list[Path]:
+    """Job ``index`` of ``count``: the contiguous slice ``[index*F//count, (index+1)*F//count)``.
+
+    Whole files only; consecutive jobs take consecutive files, so concatenating the jobs' outputs
+    in job order gives the file order of a single run. Jobs may get no file when ``count > F``.
+    """
+    n = len(files)
+    return list(files[index * n // count : (index + 1) * n // count])
+
+
+def input_list_digest(files: Sequence[Path]) -> str:
+    """Hex sha256 of the sorted input list (resolved paths and sizes), cheap to compute per job."""
+    listing = [[str(f), f.stat().st_size] for f in files]
+    return hashlib.sha256(json.dumps(listing).encode("utf-8")).hexdigest()
 
 
 def sample_key(index: int) -> str:
@@ -91,6 +131,7 @@ class Options:
     seed: int = 0
     eod_token: str | None = None
     progress_bar: bool | None = None
+    input_shard: tuple[int, int] | None = None
 
 
 @dataclass
@@ -238,17 +279,17 @@ def _iter_file(
         yield _BadRecordError("truncated_zst", exc.line, "truncated or corrupt zstd stream")
 
 
-def iter_documents(files: Sequence[Path], opts: Options, stats: Stats) -> Iterator[str]:
-    """Texts of all good documents of ``files`` in order; bad records handled per ``on_error``."""
-    names = set(opts.pile_set_names) if opts.pile_set_names else None
+def _iter_good(
+    files: Sequence[Path], key: str, names: set[str] | None, on_error: str, stats: Stats
+) -> Iterator[str]:
     for path in files:
-        for item in _iter_file(path, opts.json_key, names):
+        for item in _iter_file(path, key, names):
             if item is None:
                 stats.filtered += 1
             elif isinstance(item, _BadRecordError):
                 stats.errors[item.kind] += 1
                 where = f"{path}:{item.line}: {item.kind}: {item.detail}"
-                if opts.on_error == "fail":
+                if on_error == "fail":
                     raise PreprocessError(f"{where} (pass --on-error skip to skip bad records)")
                 if stats.reported < _MAX_REPORTED:
                     print(f"{PROG}: warning: skipped {where}", file=sys.stderr)
@@ -256,6 +297,29 @@ def iter_documents(files: Sequence[Path], opts: Options, stats: Stats) -> Iterat
             else:
                 stats.documents += 1
                 yield item
+
+
+def iter_documents(files: Sequence[Path], opts: Options, stats: Stats) -> Iterator[str]:
+    """Texts of all good documents of ``files`` in order; bad records handled per ``on_error``."""
+    names = set(opts.pile_set_names) if opts.pile_set_names else None
+    yield from _iter_good(files, opts.json_key, names, opts.on_error, stats)
+
+
+def read_texts(
+    paths: Sequence[Path],
+    json_key: str = "text",
+    on_error: str = "fail",
+    stats: Stats | None = None,
+) -> Iterator[str]:
+    """Texts of the documents of ``paths`` (files/folders, as ``--input``), read as preprocess does.
+
+    Bad records raise :class:`PreprocessError` (``on_error="fail"``) or are skipped and counted in
+    ``stats`` (``"skip"``). Used by ``tools/train_tokenizer.py``.
+    """
+    if on_error not in ("fail", "skip"):
+        raise PreprocessError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+    files = find_inputs(paths)
+    yield from _iter_good(files, json_key, None, on_error, stats if stats is not None else Stats())
 
 
 # ------------------------------------------------------------------------------------ tokenizing
@@ -295,7 +359,8 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
 # -------------------------------------------------------------------------------------- writing
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of the bytes of ``path`` (read in chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_READ_CHUNK):
@@ -307,7 +372,7 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file next to ``path``, then rename it to ``path``."""
     tmp = _tmp_path(path)
     try:
@@ -321,7 +386,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def _json_bytes(obj: Any) -> bytes:
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as indented, key-sorted JSON text with a final newline (the manifest layout)."""
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
@@ -331,8 +397,8 @@ def _npy_bytes(row: np.ndarray) -> bytes:
     return bio.getvalue()
 
 
-def _tar_bytes(samples: list[tuple[str, bytes]]) -> bytes:
-    """A deterministic tar (ustar, mtime 0, uid/gid 0) with one member per sample."""
+def tar_bytes(samples: list[tuple[str, bytes]]) -> bytes:
+    """A deterministic tar (ustar, mtime 0, uid/gid 0) with one ``<key>.tokens.npy`` per sample."""
     bio = io.BytesIO()
     with tarfile.open(fileobj=bio, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         for key, data in samples:
@@ -346,38 +412,97 @@ def _tar_bytes(samples: list[tuple[str, bytes]]) -> bytes:
     return bio.getvalue()
 
 
-class _ShardWriter:
-    """Collects samples into shards, writes each atomically and records it in ``progress.json``."""
+class ShardWriter:
+    """Collects samples into shards and writes each atomically.
+
+    Shards are named ``shard_name(k, prefix)``. When ``progress_name`` is set, the shards done so
+    far are recorded there with ``config`` after each shard (used by ``--resume``); shards listed in
+    ``done`` (name -> sha256) whose new bytes hash the same are not rewritten.
+    """
 
     def __init__(
-        self, out: Path, opts: Options, dtype: np.dtype, config: dict, done: dict[str, str]
+        self,
+        out: Path,
+        samples_per_shard: int,
+        dtype: np.dtype,
+        config: dict | None = None,
+        done: dict[str, str] | None = None,
+        prefix: str = "",
+        progress_name: str | None = None,
     ) -> None:
-        self.out, self.opts, self.dtype, self.config, self.done = out, opts, dtype, config, done
+        self.out, self.samples_per_shard, self.dtype = out, samples_per_shard, dtype
+        self.config, self.done = config, done or {}
+        self.prefix, self.progress_name = prefix, progress_name
         self.pending: list[tuple[str, bytes]] = []
         self.shards: list[dict[str, Any]] = []
         self.samples = 0
         self.reused = 0
 
     def add(self, row: np.ndarray) -> None:
-        self.pending.append((sample_key(self.samples), _npy_bytes(row.astype(self.dtype))))
+        """Append one sample (converted to the shard dtype)."""
+        self.add_npy(_npy_bytes(row.astype(self.dtype)))
+
+    def add_npy(self, data: bytes) -> None:
+        """Append one sample given as the bytes of its ``.npy`` member (already in shard dtype)."""
+        self.pending.append((sample_key(self.samples), data))
         self.samples += 1
-        if len(self.pending) >= self.opts.samples_per_shard:
+        if len(self.pending) >= self.samples_per_shard:
             self.flush()
 
     def flush(self) -> None:
+        """Write the pending samples as the next shard (nothing when none are pending)."""
         if not self.pending:
             return
-        name = shard_name(len(self.shards))
-        data = _tar_bytes(self.pending)
+        name = shard_name(len(self.shards), self.prefix)
+        data = tar_bytes(self.pending)
         digest = hashlib.sha256(data).hexdigest()
         if self.done.get(name) == digest:
             self.reused += 1  # --resume: identical shard already on disk
         else:
-            _atomic_write(self.out / name, data)
+            atomic_write(self.out / name, data)
         self.shards.append({"name": name, "samples": len(self.pending), "sha256": digest})
         self.pending = []
-        progress = {"format_version": FORMAT_VERSION, "config": self.config, "shards": self.shards}
-        _atomic_write(self.out / PROGRESS_NAME, _json_bytes(progress))
+        if self.progress_name is not None:
+            progress = {
+                "format_version": FORMAT_VERSION,
+                "config": self.config,
+                "shards": self.shards,
+            }
+            atomic_write(self.out / self.progress_name, json_bytes(progress))
+
+
+class Packer:
+    """Cuts token streams into samples of ``row_len`` tokens and hands them to a writer.
+
+    Each source (input file) is packed on its own: :meth:`end_source` drops the tail of the
+    current source (fewer than ``row_len`` tokens) and counts it in ``dropped``.
+    """
+
+    def __init__(self, writer: ShardWriter, row_len: int) -> None:
+        self.writer, self.row_len = writer, row_len
+        self.total = 0
+        self.dropped = 0
+        self._carry: list[np.ndarray] = []
+        self._carry_len = 0
+
+    def add(self, arr: np.ndarray) -> None:
+        """Append the tokens ``arr`` to the current source's stream."""
+        self.total += len(arr)
+        self._carry.append(arr)
+        self._carry_len += len(arr)
+        if self._carry_len < self.row_len:
+            return
+        buf = np.concatenate(self._carry)
+        n = len(buf) // self.row_len
+        for row in buf[: n * self.row_len].reshape(n, self.row_len):
+            self.writer.add(row)
+        rest = buf[n * self.row_len :]
+        self._carry, self._carry_len = [rest], len(rest)
+
+    def end_source(self) -> None:
+        """Drop the tail of the current source; the next tokens start a new sample."""
+        self.dropped += self._carry_len
+        self._carry, self._carry_len = [], 0
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -404,36 +529,44 @@ def find_inputs(paths: Sequence[Path]) -> list[Path]:
     return sorted(files, key=str)
 
 
-def _is_ours(name: str) -> bool:
-    return (
-        bool(_SHARD_RE.match(name))
-        or name in (MANIFEST_NAME, PROGRESS_NAME)
-        or (name.startswith(".") and name.endswith(".tmp"))
-    )
+def _is_ours(name: str, prefix: str) -> bool:
+    """Whether ``name`` is a file this run (file prefix ``prefix``) writes in its output folder."""
+    bare = name[1:-4] if name.startswith(".") and name.endswith(".tmp") else name
+    if not bare.startswith(prefix):
+        return False
+    rest = bare[len(prefix) :]
+    return bool(_SHARD_RE.match(rest)) or rest in (MANIFEST_NAME, PROGRESS_NAME)
 
 
-def _prepare_output(out: Path, opts: Options, config: dict) -> dict[str, str]:
-    """Check/clean the output folder; return ``{shard name: sha256}`` reusable under --resume."""
+def _prepare_output(out: Path, opts: Options, config: dict, prefix: str) -> dict[str, str]:
+    """Check/clean the output folder; return ``{shard name: sha256}`` reusable under --resume.
+
+    With a part prefix (``--input-shard``) the folder may be shared by the jobs: only this job's
+    files are considered and other parts' files are left alone.
+    """
     if out.exists() and not out.is_dir():
         raise PreprocessError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     entries = sorted(os.listdir(out))
-    if not entries:
-        return {}
-    if not (opts.resume or opts.overwrite):
-        raise PreprocessError(f"output folder {out} is not empty (pass --resume or --overwrite)")
-    foreign = [e for e in entries if not _is_ours(e)]
+    mine = [e for e in entries if _is_ours(e, prefix)]
+    foreign = [e for e in entries if e not in mine and not (prefix and _PART_RE.match(e))]
+    again = opts.resume or opts.overwrite
+    if (mine or (foreign and not prefix)) and not again:
+        what = f"already holds files of {prefix[:-1]}" if prefix else "is not empty"
+        raise PreprocessError(f"output folder {out} {what} (pass --resume or --overwrite)")
     if foreign:
         raise PreprocessError(
             f"output folder {out} holds files this tool did not write ({', '.join(foreign[:5])});"
             " refusing to touch it"
         )
+    entries = mine
     done: dict[str, str] = {}
-    if opts.resume and PROGRESS_NAME in entries:
+    progress_name = prefix + PROGRESS_NAME
+    if opts.resume and progress_name in entries:
         try:
-            progress = json.loads((out / PROGRESS_NAME).read_text("utf-8"))
+            progress = json.loads((out / progress_name).read_text("utf-8"))
         except (OSError, ValueError) as exc:
-            raise PreprocessError(f"cannot read {out / PROGRESS_NAME}: {exc}") from exc
+            raise PreprocessError(f"cannot read {out / progress_name}: {exc}") from exc
         if progress.get("config") != config:
             raise PreprocessError(
                 f"cannot resume in {out}: it was started with other inputs or settings"
@@ -441,7 +574,7 @@ def _prepare_output(out: Path, opts: Options, config: dict) -> dict[str, str]:
             )
         for shard in progress.get("shards", []):
             path = out / shard["name"]
-            if path.is_file() and _sha256_file(path) == shard["sha256"]:
+            if path.is_file() and sha256_file(path) == shard["sha256"]:
                 done[shard["name"]] = shard["sha256"]
     for e in entries:
         if e not in done:
@@ -450,6 +583,15 @@ def _prepare_output(out: Path, opts: Options, config: dict) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- run
+
+
+def _file_batches(
+    files: Sequence[Path], opts: Options, stats: Stats
+) -> Iterator[tuple[int, list[str]]]:
+    """``(file index, batch of texts)``; a batch never spans two files."""
+    for i, path in enumerate(files):
+        for batch in _batches(iter_documents([path], opts, stats)):
+            yield i, batch
 
 
 def run(opts: Options) -> dict[str, Any]:
@@ -465,12 +607,27 @@ def run(opts: Options) -> dict[str, Any]:
     ):
         if value < 1:
             raise PreprocessError(f"{name} must be a positive integer, got {value}")
-    files = find_inputs(opts.inputs)
+    all_files = find_inputs(opts.inputs)
+    prefix = ""
+    shard_info = None
+    files = all_files
+    if opts.input_shard is not None:
+        index, count = opts.input_shard
+        if not 0 <= index < count:
+            raise PreprocessError(f"--input-shard {index}/{count}: need 0 <= I < N")
+        prefix = part_prefix(index, count)
+        files = select_input_shard(all_files, index, count)
+        shard_info = {
+            "index": index,
+            "count": count,
+            "inputs_total": len(all_files),
+            "inputs_digest": input_list_digest(all_files),
+        }
     try:
         tok = load_tokenizer(opts.tokenizer, eod_token=opts.eod_token)
     except TokenizerError as exc:
         raise PreprocessError(str(exc)) from exc
-    sources = [{"path": str(f), "size": f.stat().st_size, "sha256": _sha256_file(f)} for f in files]
+    sources = [{"path": str(f), "size": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
     tokenizer_info = {
         "name": tok.name,
         "fingerprint": tok.fingerprint(),
@@ -478,7 +635,7 @@ def run(opts: Options) -> dict[str, Any]:
         "eod_id": tok.eod_id,
     }
     dtype = token_dtype(tok.vocab_size)
-    config = {
+    config: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "sources": sources,
         "tokenizer": tokenizer_info,
@@ -489,28 +646,30 @@ def run(opts: Options) -> dict[str, Any]:
         "on_error": opts.on_error,
         "seed": opts.seed,
     }
+    if shard_info is not None:
+        config["input_shard"] = shard_info
     out = opts.output
-    done = _prepare_output(out, opts, config)
+    done = _prepare_output(out, opts, config, prefix)
     stats = Stats()
-    writer = _ShardWriter(out, opts, dtype, config, done)
+    writer = ShardWriter(
+        out,
+        opts.samples_per_shard,
+        dtype,
+        config,
+        done,
+        prefix=prefix,
+        progress_name=prefix + PROGRESS_NAME,
+    )
     row_len = opts.seq_len + 1
-    total_tokens = 0
-    carry: list[np.ndarray] = []
-    carry_len = 0
+    packer = Packer(writer, row_len)
+    current = -1
 
-    def consume(arr: np.ndarray) -> None:
-        nonlocal total_tokens, carry, carry_len
-        total_tokens += len(arr)
-        carry.append(arr)
-        carry_len += len(arr)
-        if carry_len < row_len:
-            return
-        buf = np.concatenate(carry)
-        n = len(buf) // row_len
-        for row in buf[: n * row_len].reshape(n, row_len):
-            writer.add(row)
-        rest = buf[n * row_len :]
-        carry, carry_len = [rest], len(rest)
+    def consume(file_index: int, arr: np.ndarray) -> None:
+        nonlocal current
+        if file_index != current:
+            packer.end_source()  # packing restarts at every input file
+            current = file_index
+        packer.add(arr)
 
     from tqdm import tqdm
 
@@ -518,42 +677,43 @@ def run(opts: Options) -> dict[str, Any]:
     bar = tqdm(unit="doc", desc="tokenizing", disable=not show, file=sys.stderr)
     pool = None
     try:
-        batches = _batches(iter_documents(files, opts, stats))
+        batches = _file_batches(files, opts, stats)
         if opts.workers == 1:
-            for batch in batches:
-                consume(_tokenize_batch(batch, tok))
+            for fi, batch in batches:
+                consume(fi, _tokenize_batch(batch, tok))
                 bar.update(len(batch))
         else:
             ctx = multiprocessing.get_context("spawn")
             pool = ctx.Pool(opts.workers, _init_worker, (opts.tokenizer, opts.eod_token))
             window: deque = deque()
-            for batch in batches:
-                window.append((len(batch), pool.apply_async(_tokenize_batch, (batch,))))
+            for fi, batch in batches:
+                window.append((fi, len(batch), pool.apply_async(_tokenize_batch, (batch,))))
                 if len(window) >= 2 * opts.workers:
-                    n, res = window.popleft()
-                    consume(res.get())
+                    fj, n, res = window.popleft()
+                    consume(fj, res.get())
                     bar.update(n)
             while window:
-                n, res = window.popleft()
-                consume(res.get())
+                fj, n, res = window.popleft()
+                consume(fj, res.get())
                 bar.update(n)
             pool.close()
             pool.join()
             pool = None
+        packer.end_source()
         writer.flush()
     except BaseException:
         if pool is not None:
             pool.terminate()
             pool.join()
         for e in os.listdir(out):
-            if e.startswith(".") and e.endswith(".tmp"):
+            if e.startswith(".") and e.endswith(".tmp") and _is_ours(e, prefix):
                 (out / e).unlink()
         raise
     finally:
         bar.close()
 
     n_errors = sum(stats.errors.values())
-    manifest = {
+    manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "seq_len": opts.seq_len,
         "sample_len": row_len,
@@ -562,8 +722,8 @@ def run(opts: Options) -> dict[str, Any]:
         "field": SHARD_FIELD,
         "samples": writer.samples,
         "tokens": writer.samples * row_len,
-        "tokens_total": total_tokens,
-        "dropped_tail_tokens": carry_len,
+        "tokens_total": packer.total,
+        "dropped_tail_tokens": packer.dropped,
         "shards": writer.shards,
         "tokenizer": tokenizer_info,
         "sources": sources,
@@ -578,14 +738,18 @@ def run(opts: Options) -> dict[str, Any]:
         },
         "errors": dict(stats.errors),
     }
-    _atomic_write(out / MANIFEST_NAME, _json_bytes(manifest))
+    if shard_info is not None:
+        manifest["input_shard"] = shard_info
+    atomic_write(out / (prefix + MANIFEST_NAME), json_bytes(manifest))
     if n_errors:
         counts = ", ".join(f"{k}={v}" for k, v in stats.errors.items() if v)
         print(f"{PROG}: skipped {n_errors} bad record(s): {counts}", file=sys.stderr)
     reused = f" ({writer.reused} reused)" if writer.reused else ""
+    job = f"{prefix[:-1]}: {len(files)} of {len(all_files)} input file(s), " if prefix else ""
     print(
-        f"{PROG}: {stats.documents} documents, {total_tokens} tokens -> {writer.samples} samples"
-        f" in {len(writer.shards)} shard(s){reused}, {carry_len} tail tokens dropped; {out}",
+        f"{PROG}: {job}{stats.documents} documents, {packer.total} tokens -> {writer.samples}"
+        f" samples in {len(writer.shards)} shard(s){reused}, {packer.dropped} tail tokens"
+        f" dropped; {out}",
         file=sys.stderr,
     )
     return manifest
@@ -661,6 +825,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete this tool's files in a non-empty output folder first",
     )
     p.add_argument("--seed", type=int, default=0, help="recorded in the manifest")
+    p.add_argument(
+        "--input-shard",
+        default=None,
+        metavar="I/N",
+        help="run job I of N (0-based): the I-th contiguous slice of the sorted input files;"
+        " writes part-IIIII-of-NNNNN-* files, joined by tools/merge_manifests.py",
+    )
     return p
 
 
@@ -687,6 +858,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         eod_token=args.eod_token,
     )
     try:
+        if args.input_shard is not None:
+            opts.input_shard = parse_input_shard(args.input_shard)
         run(opts)
     except PreprocessError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
