@@ -10,9 +10,21 @@ These run anywhere (CPU included) and define the semantics that optimised GPU ke
 
 from .conv1d import causal_conv1d_reference, causal_conv1d_step
 from .norm import gated_rms_norm, rms_norm
+from .ops import (
+    causal_conv1d,
+    causal_conv1d_step_op,
+    gated_rms_norm_op,
+    rms_norm_op,
+    ssd_step_op,
+)
 from .ssd import segsum, ssd_naive, ssd_scan_reference, ssd_step
 
 __all__ = [
+    "causal_conv1d",
+    "causal_conv1d_step_op",
+    "gated_rms_norm_op",
+    "rms_norm_op",
+    "ssd_step_op",
     "causal_conv1d_reference",
     "causal_conv1d_step",
     "gated_rms_norm",
