@@ -246,17 +246,29 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "word_problem"
+    task: str = "word_problem"  # "word_problem" (synthetic, aligned targets) | "shards" (text)
     group: str = "S3"  # word problem group
     seq_len: int = 16
-    eval_seq_len: int = 64  # also evaluate at this length after training (0: off)
+    eval_seq_len: int = 64  # word problem: also evaluate at this length after training (0: off)
     easy_frac: float = 0.0  # fraction of identity tokens in the word problem
+    # shards: a folder written by tools/preprocess_data.py (next-token targets)
+    path: str = ""
+    val_fraction: float = 0.0  # hold out the last fraction of samples for validation
+    num_workers: int = 0  # DataLoader worker processes
+    tokenizer_fingerprint: str = ""  # if set, must equal the manifest's tokenizer fingerprint
 
     def __post_init__(self) -> None:
         s = "data"
-        _check(self.task in ("word_problem",), s, "task", f"unknown task {self.task!r}")
+        _check(
+            self.task in ("word_problem", "shards"),
+            s,
+            "task",
+            f"must be 'word_problem' or 'shards', got {self.task!r}",
+        )
         _check(self.seq_len > 0, s, "seq_len", f"must be > 0, got {self.seq_len}")
         _check(0 <= self.easy_frac < 1, s, "easy_frac", f"must be in [0, 1), got {self.easy_frac}")
+        _check(0 <= self.val_fraction < 1, s, "val_fraction", "must be in [0, 1)")
+        _check(self.num_workers >= 0, s, "num_workers", "must be >= 0")
 
 
 @dataclass

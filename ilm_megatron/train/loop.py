@@ -33,6 +33,7 @@ from ilm_megatron.train.checkpoint import (
     save_training_checkpoint,
 )
 from ilm_megatron.train.curriculum import apply_phase, phase_at
+from ilm_megatron.train.data import build_train_data
 from ilm_megatron.train.metrics import MetricsLogger, memory_gb
 
 
@@ -109,6 +110,49 @@ def evaluate(
     }
 
 
+@torch.no_grad()
+def evaluate_batches(
+    model: ImplicitLM, batches: list[tuple[torch.Tensor, torch.Tensor]], vocab: int, device
+) -> dict[str, float]:
+    """Loss, perplexity, token accuracy and solver statistics over fixed ``(x, y)`` batches."""
+    was_training = model.training
+    model.eval()
+    loss_sum = correct = total = 0.0
+    iters, res = [], []
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss_sum += token_loss(out.logits, y, vocab).item() * y.numel()
+        correct += (out.logits[..., :vocab].argmax(-1) == y).sum().item()
+        total += y.numel()
+        iters.append(out.stats.sample_iters.float().flatten())
+        res.append(out.stats.residual.float().flatten())
+    model.train(was_training)
+    it, r = torch.cat(iters), torch.cat(res)
+    loss = loss_sum / total
+    return {
+        "length": batches[0][0].shape[1],
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "acc_all": correct / total,
+        "iters_mean": it.mean().item(),
+        "iters_max": it.max().item(),
+        "residual_max": r.max().item(),
+    }
+
+
+def validate(model: ImplicitLM, cfg: Config, data: Any, device: torch.device) -> dict[str, float]:
+    """Periodic validation: the word problem at its training length, or the shards' val split."""
+    if cfg.data.task == "word_problem":
+        return evaluate(
+            model, cfg, cfg.data.seq_len, cfg.train.eval_batches, cfg.train.seed + 2, device
+        )
+    batches = data.val_batches(cfg.train.batch_size, cfg.train.eval_batches)
+    if not batches:
+        raise ValueError("validation on shards needs data.val_fraction > 0")
+    return evaluate_batches(model, batches, cfg.model.vocab_size, device)
+
+
 class _StopFlag:
     """Set by SIGTERM/SIGINT: finish the step, save a checkpoint, exit cleanly."""
 
@@ -165,7 +209,7 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
         betas=(cfg.train.beta1, cfg.train.beta2),
         weight_decay=cfg.train.weight_decay,
     )
-    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    data = build_train_data(cfg)
     counters = {"step": 0, "tokens": 0, "nan_streak": 0, "nan_skipped": 0, "unconverged": 0}
     log = MetricsLogger(run_dir, quiet, cfg.train.tensorboard, config_text, cfg.train.max_steps)
     latest = latest_checkpoint(ckpt_root) if cfg.train.resume else None
@@ -173,7 +217,7 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
         state = load_training_checkpoint(latest, model)
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_torch"])
-        gen.set_state(state["rng_data"])
+        data.load_state_dict(state["data"])
         counters.update(state["counters"])
         log.say(f"ilm-train: resumed from {latest} at step {counters['step']}")
     elif cfg.train.resume is False or not (run_dir / "metrics.jsonl").exists():
@@ -183,7 +227,7 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
         state = {
             "optimizer": opt.state_dict(),
             "rng_torch": torch.get_rng_state(),
-            "rng_data": gen.get_state(),
+            "data": data.state_dict(),
             "counters": dict(counters),
         }
         return save_training_checkpoint(
@@ -195,8 +239,8 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
     n_params = sum(p.numel() for p in model.parameters())
     log.say(
         f"ilm-train: {'implicit' if cfg.model.implicit else 'explicit'} {cfg.model.arch}, "
-        f"{n_params / 1e3:.1f}K params, {cfg.data.group} word problem at length "
-        f"{cfg.data.seq_len}, {cfg.train.max_steps} steps on {device}; run dir {run_dir}"
+        f"{n_params / 1e3:.1f}K params, {data.describe}, {cfg.train.max_steps} steps on {device}; "
+        f"run dir {run_dir}"
     )
     t0 = time.perf_counter()
     tokens_at_start = counters["tokens"]
@@ -211,9 +255,7 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x, y = sample_word_problem(
-                cfg.data.group, cfg.train.batch_size, cfg.data.seq_len, gen, cfg.data.easy_frac
-            )
+            x, y = data.next_batch()
             x, y = x.to(device), y.to(device)
             out = model(x)
             loss = token_loss(out.logits, y, vocab)
@@ -274,14 +316,7 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
                 )
                 window = []
                 if cfg.train.eval_interval and counters["step"] % cfg.train.eval_interval == 0:
-                    ev = evaluate(
-                        model,
-                        cfg,
-                        cfg.data.seq_len,
-                        cfg.train.eval_batches,
-                        cfg.train.seed + 2,
-                        device,
-                    )
+                    ev = validate(model, cfg, data, device)
                     rec.update({f"val_{k}": v for k, v in ev.items() if k != "length"})
                 result.history.append(rec)
                 log.record(rec, torch.cat(iters_seen))
@@ -298,15 +333,20 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
     if preempted:
         result.final = {"preempted": preempted, "step": counters["step"]}
         return result
-    lengths = [cfg.data.seq_len] + ([cfg.data.eval_seq_len] if cfg.data.eval_seq_len else [])
-    evals = [
-        evaluate(model, cfg, n, cfg.train.eval_batches, cfg.train.seed + 2, device) for n in lengths
-    ]
+    if cfg.data.task == "word_problem":
+        lengths = [cfg.data.seq_len] + ([cfg.data.eval_seq_len] if cfg.data.eval_seq_len else [])
+        evals = [
+            evaluate(model, cfg, n, cfg.train.eval_batches, cfg.train.seed + 2, device)
+            for n in lengths
+        ]
+    else:
+        evals = [validate(model, cfg, data, device)] if cfg.data.val_fraction else []
     for ev in evals:
         log.say(
-            f"eval length {ev['length']}: acc {ev['acc_all']:.3f} (last 10: "
-            f"{ev['acc_last10']:.3f}), loss {ev['loss']:.4f}, solver iters "
-            f"{ev['iters_mean']:.1f}/{ev['iters_max']:.0f}, residual max {ev['residual_max']:.2e}"
+            f"eval length {ev['length']}: acc {ev['acc_all']:.3f}"
+            + (f" (last 10: {ev['acc_last10']:.3f})" if "acc_last10" in ev else "")
+            + f", loss {ev['loss']:.4f}, solver iters {ev['iters_mean']:.1f}/"
+            f"{ev['iters_max']:.0f}, residual max {ev['residual_max']:.2e}"
         )
     save()
     save_model(model, cfg, run_dir / "model.safetensors")
