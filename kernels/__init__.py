@@ -18,6 +18,7 @@ from .ops import (
     ssd_step_op,
 )
 from .ssd import segsum, ssd_naive, ssd_scan_reference, ssd_step
+from .ssd_scan import ssd_scan
 
 __all__ = [
     "causal_conv1d",
@@ -31,6 +32,7 @@ __all__ = [
     "rms_norm",
     "segsum",
     "ssd_naive",
+    "ssd_scan",
     "ssd_scan_reference",
     "ssd_step",
 ]

@@ -124,10 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     print(f"{PROG}: wrote {path}")
-    print("preprocess it with:")
+    print("preprocess it and train the demo model with:")
     print(
-        f"  python tools/preprocess_data.py --input {path} --output {args.output}-byte-256"
-        " --tokenizer byte --seq-len 256"
+        f"  python tools/preprocess_data.py --input {path} --output {args.output}-byte"
+        " --tokenizer byte --seq-len 128\n"
+        f"  ilm-train --config configs/train/demo_shakespeare.yaml data.path={args.output}-byte"
     )
     return 0
 
