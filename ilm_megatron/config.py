@@ -53,6 +53,10 @@ class ModelConfig:
     # projection, MLP fc1) by this factor. < 1 makes F contractive at initialisation so the solve
     # converges from the first step; 1.0 is the reference initialisation.
     iterate_init_scale: float = 1.0
+    # Kernels: "auto" (our Triton kernels on CUDA, the PyTorch reference elsewhere), "reference",
+    # "triton" (on CPU only under TRITON_INTERPRET=1) or "mamba_ssm" (its kernels, CUDA only).
+    # Llama attention uses flash-attn on CUDA when installed under "auto", SDPA otherwise.
+    kernel_backend: str = "auto"
     # Mamba2 mixer
     d_state: int = 16
     headdim: int = 16
@@ -72,6 +76,13 @@ class ModelConfig:
         s = "model"
         _check(self.arch in ARCHS, s, "arch", f"must be one of {ARCHS}, got {self.arch!r}")
         _check(self.backend in ("local",), s, "backend", f"unknown backend {self.backend!r}")
+        kernels = ("auto", "reference", "triton", "mamba_ssm")
+        _check(
+            self.kernel_backend in kernels,
+            s,
+            "kernel_backend",
+            f"must be one of {kernels}, got {self.kernel_backend!r}",
+        )
         _check(self.iterate_init_scale > 0, s, "iterate_init_scale", "must be > 0")
         for k in ("vocab_size", "d_model", "n_layers", "pad_vocab_multiple"):
             _check(getattr(self, k) > 0, s, k, f"must be > 0, got {getattr(self, k)}")

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from ilm_kernels import gated_rms_norm, rms_norm
+from ilm_kernels import gated_rms_norm_op, rms_norm_op
 from ilm_megatron.config import ModelConfig
 
 
@@ -21,10 +21,11 @@ class RMSNorm(nn.Module):
     def __init__(self, hidden: int, *, config: ModelConfig) -> None:
         super().__init__()
         self.eps = config.norm_eps
+        self.kernel_backend = config.kernel_backend
         self.weight = nn.Parameter(torch.ones(hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm_op(x, self.weight, self.eps, backend=self.kernel_backend)
 
 
 class GatedRMSNorm(nn.Module):
@@ -34,10 +35,13 @@ class GatedRMSNorm(nn.Module):
         super().__init__()
         self.eps = config.norm_eps
         self.group_size = group_size
+        self.kernel_backend = config.kernel_backend
         self.weight = nn.Parameter(torch.ones(hidden))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return gated_rms_norm(x, gate, self.weight, self.eps, self.group_size)
+        return gated_rms_norm_op(
+            x, gate, self.weight, self.eps, self.group_size, backend=self.kernel_backend
+        )
 
 
 class Linear(nn.Linear):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
-from ilm_kernels import causal_conv1d_reference, causal_conv1d_step, ssd_scan_reference, ssd_step
+from ilm_kernels import causal_conv1d, causal_conv1d_step_op, ssd_scan, ssd_step_op
 from ilm_megatron.config import ModelConfig
 from ilm_megatron.models.cache import Mamba2Cache
 from ilm_megatron.models.layers import init_dt_bias
@@ -49,6 +49,7 @@ class Mamba2Mixer(nn.Module):
         self.d_state = c.d_state
         self.d_conv = c.d_conv
         self.chunk_size = c.chunk_size
+        self.kernel_backend = c.kernel_backend
         self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
         self.d_in_proj = 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
 
@@ -101,18 +102,31 @@ class Mamba2Mixer(nn.Module):
         if u is not None:
             zxbcdt = zxbcdt + u
         gate, xbc, dt = self._split(zxbcdt)
-        # 1. causal depthwise conv over time + SiLU
-        conv = causal_conv1d_reference(
-            xbc, self.conv1d.weight[:, 0, :], self.conv1d.bias, return_final_window=return_cache
+        # 1. causal depthwise conv over time + SiLU (fused in the kernel)
+        conv = causal_conv1d(
+            xbc,
+            self.conv1d.weight[:, 0, :],
+            self.conv1d.bias,
+            return_final_window=return_cache,
+            activation="silu",
+            backend=self.kernel_backend,
         )
         xbc_c, window = conv if return_cache else (conv, None)
-        x, B, C = self._split_xbc(F.silu(xbc_c))
+        x, B, C = self._split_xbc(xbc_c)
         # 2. discretisation: dt > 0, A < 0 per head
         dt = F.softplus(dt + self.dt_bias)
         A = -torch.exp(upcast(self.A_log))
         # 3. SSD scan with D skip
-        scan = ssd_scan_reference(
-            x, dt, A, B, C, self.chunk_size, D=self.D, return_final_states=return_cache
+        scan = ssd_scan(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            self.chunk_size,
+            D=self.D,
+            return_final_states=return_cache,
+            backend=self.kernel_backend,
         )
         y, state = scan if return_cache else (scan, None)
         # 4. gated norm and output projection
@@ -139,13 +153,18 @@ class Mamba2Mixer(nn.Module):
         if u is not None:
             zxbcdt = zxbcdt + u
         gate, xbc, dt = self._split(zxbcdt)
-        xbc_c, window = causal_conv1d_step(
-            cache.conv, xbc, self.conv1d.weight[:, 0, :], self.conv1d.bias
+        xbc_c, window = causal_conv1d_step_op(
+            cache.conv,
+            xbc,
+            self.conv1d.weight[:, 0, :],
+            self.conv1d.bias,
+            activation="silu",
+            backend=self.kernel_backend,
         )
-        x, B, C = self._split_xbc(F.silu(xbc_c))
+        x, B, C = self._split_xbc(xbc_c)
         dt = F.softplus(dt + self.dt_bias)
         A = -torch.exp(upcast(self.A_log))
-        y, state = ssd_step(cache.ssm, x, dt, A, B, C, D=self.D)
+        y, state = ssd_step_op(cache.ssm, x, dt, A, B, C, D=self.D, backend=self.kernel_backend)
         y = self.norm(y.reshape(b, self.d_inner), gate)
         return self.out_proj(y), Mamba2Cache(conv=window, ssm=state)
 
