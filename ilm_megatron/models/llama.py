@@ -16,9 +16,31 @@ import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
+from ilm_kernels.backend import has_module
 from ilm_megatron.config import ModelConfig
 from ilm_megatron.models.cache import KVCache
 from ilm_megatron.models.layers import apply_rope, rope_cos_sin
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_backend: str = "auto"
+) -> torch.Tensor:
+    """Causal attention, q/k/v (b, a, l, e) -> (b, a, l, e).
+
+    flash-attn on CUDA half-precision tensors when it is installed and ``kernel_backend`` is
+    "auto" or "triton"; PyTorch's scaled_dot_product_attention everywhere else.
+    """
+    if (
+        kernel_backend in ("auto", "triton")
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and has_module("flash_attn")
+    ):
+        from flash_attn import flash_attn_func  # GPU-only dependency, imported lazily
+
+        o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return o.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 @dataclass
@@ -38,6 +60,7 @@ class SelfAttention(nn.Module):
         self.n_heads = config.n_heads
         self.head_dim = config.d_model // config.n_heads
         self.theta = config.rope_theta
+        self.kernel_backend = config.kernel_backend
         self.qkv_proj = build_module(
             submodules.qkv_proj, self.d_model, 3 * self.d_model, config=config
         )
@@ -67,7 +90,7 @@ class SelfAttention(nn.Module):
         """h: (b, l, d), u: (b, l, 3d) or None -> (out (b, l, d), KV cache of all positions)."""
         b, l, _ = h.shape
         q, k, v = self._qkv(h, u, torch.arange(l, device=h.device))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o = causal_attention(q, k, v, self.kernel_backend)
         out = self.out_proj(o.transpose(1, 2).reshape(b, l, self.d_model))
         return out, (KVCache(k, v) if return_cache else None)
 
