@@ -48,7 +48,9 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = True
     weight_norm: bool = False  # reparametrise every Linear/Conv1d of the implicit stack as g*v/|v|
-    backend: str = "local"  # layer implementation chosen through the spec: "local" (pure PyTorch)
+    # layer implementation chosen through the spec: "local" (pure PyTorch) or "tp" (tensor-parallel
+    # layers over Megatron's TP group); load_config switches "local" to "tp" when parallel.tp > 1
+    backend: str = "local"
     # Implicit models only: multiply the initial weights that read the iterate z (mixer input
     # projection, MLP fc1) by this factor. < 1 makes F contractive at initialisation so the solve
     # converges from the first step; 1.0 is the reference initialisation.
@@ -75,7 +77,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         s = "model"
         _check(self.arch in ARCHS, s, "arch", f"must be one of {ARCHS}, got {self.arch!r}")
-        _check(self.backend in ("local",), s, "backend", f"unknown backend {self.backend!r}")
+        _check(
+            self.backend in ("local", "tp"),
+            s,
+            "backend",
+            f"unknown backend {self.backend!r} (expected 'local' or 'tp')",
+        )
         kernels = ("auto", "reference", "triton", "mamba_ssm")
         _check(
             self.kernel_backend in kernels,
@@ -385,6 +392,7 @@ def load_config(
 
 def _validate_cross(cfg: Config) -> None:
     """Checks that involve several sections."""
+    _validate_tensor_parallel(cfg)
     if cfg.data.task == "word_problem":
         from ilm_megatron.data.word_problem import group_order
 
@@ -396,6 +404,30 @@ def _validate_cross(cfg: Config) -> None:
             f"{cfg.model.vocab_size} is smaller than the {cfg.data.group} word problem's "
             f"{n} symbols",
         )
+
+
+def _validate_tensor_parallel(cfg: Config) -> None:
+    """``parallel.tp`` must divide every dimension the ``tp`` backend shards.
+
+    With ``parallel.tp > 1`` the model backend becomes ``tp`` (a ``local`` model cannot be sharded).
+    """
+    tp, m = cfg.parallel.tp, cfg.model
+    if tp == 1:
+        return
+    if m.backend == "local":
+        m.backend = "tp"
+    if m.arch == "mamba2":
+        dims = {"nheads": m.d_inner // m.headdim, "ngroups": m.ngroups}
+    else:
+        dims = {"n_heads": m.n_heads, "ffn_size": m.ffn_size}
+    for name, n in dims.items():
+        _check(
+            n % tp == 0,
+            "parallel",
+            "tp",
+            f"tensor parallel size {tp} does not divide model {name}={n}",
+        )
+    _check(not m.weight_norm, "parallel", "tp", "model.weight_norm is not supported with tp > 1")
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -7,6 +7,7 @@ it for a tensor-parallel or fused implementation with the same constructor argum
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -48,7 +49,8 @@ class Linear(nn.Linear):
     """``nn.Linear`` with the spec constructor signature.
 
     ``init_std > 0`` draws weights from N(0, init_std); ``init_std = 0`` keeps PyTorch's default
-    (Kaiming-uniform, as mamba-ssm does). Biases start at zero.
+    (Kaiming-uniform, as mamba-ssm does). Biases start at zero. ``partition_sizes`` (the packed
+    output components) only matters to the tensor-parallel layers and is ignored here.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class Linear(nn.Linear):
         config: ModelConfig,
         bias: bool = False,
         init_std: float = 0.0,
+        partition_sizes: Sequence[int] | None = None,
     ) -> None:
         super().__init__(input_size, output_size, bias=bias)
         if init_std > 0:

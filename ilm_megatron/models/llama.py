@@ -20,6 +20,8 @@ from ilm_kernels.backend import has_module
 from ilm_megatron.config import ModelConfig
 from ilm_megatron.models.cache import KVCache
 from ilm_megatron.models.layers import apply_rope, rope_cos_sin
+from ilm_megatron.parallel.state import model_tp_size
+from ilm_megatron.parallel.tensor_parallel import set_tp_layout
 
 
 def causal_attention(
@@ -56,24 +58,40 @@ class SelfAttention(nn.Module):
         self, config: ModelConfig, submodules: SelfAttentionSubmodules, layer_number: int = 1
     ) -> None:
         super().__init__()
+        tp = model_tp_size(config)
+        if config.n_heads % tp:
+            raise ValueError(
+                f"tensor parallel size {tp} must divide attention heads n_heads={config.n_heads}"
+            )
+        self.tp = tp
         self.d_model = config.d_model
-        self.n_heads = config.n_heads
+        self.n_heads = config.n_heads // tp  # this rank's heads (all of them when tp = 1)
         self.head_dim = config.d_model // config.n_heads
+        self.d_local = self.n_heads * self.head_dim
         self.theta = config.rope_theta
         self.kernel_backend = config.kernel_backend
+        d = self.d_model
         self.qkv_proj = build_module(
-            submodules.qkv_proj, self.d_model, 3 * self.d_model, config=config
+            submodules.qkv_proj, d, 3 * d, config=config, partition_sizes=(d, d, d)
         )
-        self.out_proj = build_module(submodules.out_proj, self.d_model, self.d_model, config=config)
+        self.out_proj = build_module(submodules.out_proj, d, d, config=config, partition_sizes=(d,))
+        set_tp_layout(self.qkv_proj.weight, 0, (d, d, d))
+        set_tp_layout(self.out_proj.weight, 1, (d,))
 
     @property
     def injection_size(self) -> int:
+        """Global width of the injection (packed q, k, v)."""
         return 3 * self.d_model
+
+    @property
+    def injection_parts(self) -> tuple[int, ...]:
+        """Global sizes of the injection's packed components ``[q, k, v]``."""
+        return (self.d_model, self.d_model, self.d_model)
 
     def _qkv(
         self, h: torch.Tensor, u: torch.Tensor | None, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h: (b, l, d) -> q, k, v each (b, a, l, e), RoPE applied to q and k."""
+        """h: (b, l, d), u: (b, l, 3d / tp) -> q, k, v each (b, a/tp, l, e), RoPE on q and k."""
         b, l, _ = h.shape
         qkv = self.qkv_proj(h)
         if u is not None:
@@ -91,7 +109,7 @@ class SelfAttention(nn.Module):
         b, l, _ = h.shape
         q, k, v = self._qkv(h, u, torch.arange(l, device=h.device))
         o = causal_attention(q, k, v, self.kernel_backend)
-        out = self.out_proj(o.transpose(1, 2).reshape(b, l, self.d_model))
+        out = self.out_proj(o.transpose(1, 2).reshape(b, l, self.d_local))
         return out, (KVCache(k, v) if return_cache else None)
 
     def step(
@@ -110,7 +128,7 @@ class SelfAttention(nn.Module):
         q, k_t, v_t = self._qkv(h[:, None], None if u is None else u[:, None], pos)
         k, v = cache.with_candidate(k_t, v_t)  # positions < length stay as committed
         o = F.scaled_dot_product_attention(q, k, v)  # the single query sees every key
-        return self.out_proj(o.reshape(b, self.d_model)), (k_t, v_t)
+        return self.out_proj(o.reshape(b, self.d_local)), (k_t, v_t)
 
     def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         return KVCache.empty(batch, self.n_heads, self.head_dim, device, dtype)
@@ -127,10 +145,18 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: ModelConfig, submodules: SwiGLUSubmodules, layer_number: int = 1):
         super().__init__()
-        self.hidden = config.ffn_size
-        self.fc1 = build_module(submodules.fc1, config.d_model, 2 * self.hidden, config=config)
-        self.fc2 = build_module(submodules.fc2, self.hidden, config.d_model, config=config)
+        h = config.ffn_size
+        self.hidden = h
+        self.fc1 = build_module(
+            submodules.fc1, config.d_model, 2 * h, config=config, partition_sizes=(h, h)
+        )
+        self.fc2 = build_module(
+            submodules.fc2, h, config.d_model, config=config, partition_sizes=(h,)
+        )
+        set_tp_layout(self.fc1.weight, 0, (h, h))
+        set_tp_layout(self.fc2.weight, 1, (h,))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (..., d) -> (..., d); under TP fc1 yields this rank's (gate, up) share."""
         gate, up = self.fc1(h).chunk(2, dim=-1)
         return self.fc2(F.silu(gate) * up)

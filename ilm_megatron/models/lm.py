@@ -29,6 +29,8 @@ from ilm_megatron.implicit.solver import SolverStats, solve, solve_damped_refere
 from ilm_megatron.models.layers import Linear, RMSNorm
 from ilm_megatron.models.specs import get_stack_spec
 from ilm_megatron.models.stack import upcast
+from ilm_megatron.parallel.state import model_tp_size
+from ilm_megatron.parallel.tensor_parallel import set_tp_layout
 
 
 @dataclass
@@ -61,9 +63,18 @@ class ImplicitLM(nn.Module):
         self.injection: nn.Module | None = None
         if config.implicit:
             self.injection_norm = RMSNorm(config.d_model, config=config)
-            self.injection = Linear(
-                config.d_model, self.stack.injection_size, config=config, bias=True
+            inj = getattr(spec.submodules, "injection", None) or Linear
+            parts = self.stack.injection_parts
+            self.injection = build_module(
+                inj,
+                config.d_model,
+                self.stack.injection_size,
+                config=config,
+                bias=True,
+                partition_sizes=parts,
             )
+            set_tp_layout(self.injection.weight, 0, parts)
+            set_tp_layout(self.injection.bias, 0, parts)
         self.lm_head = (
             None
             if config.tie_embeddings
@@ -72,6 +83,8 @@ class ImplicitLM(nn.Module):
         if config.implicit and config.iterate_init_scale != 1.0:
             scale_iterate_weights(self, config.iterate_init_scale)
         if config.weight_norm:
+            if model_tp_size(config) > 1:
+                raise ValueError("model.weight_norm is not supported with tensor parallelism")
             apply_weight_norm(self)
 
     @property
@@ -80,7 +93,10 @@ class ImplicitLM(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ids: (b, l) -> (e (b, l, d) fp32, u (b, l, injection_size) or None)."""
+        """ids: (b, l) -> (e (b, l, d) fp32, u (b, l, injection_size / tp) or None).
+
+        Under TP ``e`` is replicated and ``u`` is this rank's share of every packed component.
+        """
         e = upcast(self.embedding(ids))
         if self.injection is None:
             return e, None

@@ -23,6 +23,8 @@ from ilm_megatron.config import ModelConfig
 from ilm_megatron.models.cache import Mamba2Cache
 from ilm_megatron.models.layers import init_dt_bias
 from ilm_megatron.models.stack import upcast
+from ilm_megatron.parallel.state import model_tp_size
+from ilm_megatron.parallel.tensor_parallel import set_tp_layout
 
 
 @dataclass
@@ -41,6 +43,9 @@ class Mamba2Mixer(nn.Module):
     ) -> None:
         super().__init__()
         c = config
+        tp = model_tp_size(c)
+        self.tp = tp
+        # global sizes (what the single-process model and the checkpoints see)
         self.d_model = c.d_model
         self.d_inner = c.d_inner
         self.headdim = c.headdim
@@ -52,36 +57,74 @@ class Mamba2Mixer(nn.Module):
         self.kernel_backend = c.kernel_backend
         self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
         self.d_in_proj = 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
+        if self.nheads % tp or self.ngroups % tp:
+            raise ValueError(
+                f"tensor parallel size {tp} must divide nheads={self.nheads} and "
+                f"ngroups={self.ngroups}"
+            )
+        # TP-local sizes: this rank's heads and groups (equal to the global ones when tp = 1)
+        self.nheads_local = self.nheads // tp
+        self.ngroups_local = self.ngroups // tp
+        self.d_inner_local = self.d_inner // tp
+        self.conv_dim_local = self.conv_dim // tp
+        gn = self.ngroups * self.d_state
+        self.in_proj_parts = (self.d_inner, self.d_inner, gn, gn, self.nheads)
 
-        self.in_proj = build_module(submodules.in_proj, c.d_model, self.d_in_proj, config=c)
-        self.conv1d = build_module(submodules.conv1d, self.conv_dim, self.d_conv, config=c)
-        self.dt_bias = nn.Parameter(init_dt_bias(self.nheads, c))
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1.0, 16.0)))
-        self.D = nn.Parameter(torch.ones(self.nheads))
-        self.norm = build_module(
-            submodules.norm, self.d_inner, config=c, group_size=self.d_inner // self.ngroups
+        self.in_proj = build_module(
+            submodules.in_proj,
+            c.d_model,
+            self.d_in_proj,
+            config=c,
+            partition_sizes=self.in_proj_parts,
         )
-        self.out_proj = build_module(submodules.out_proj, self.d_inner, c.d_model, config=c)
+        self.conv1d = build_module(submodules.conv1d, self.conv_dim_local, self.d_conv, config=c)
+        self.dt_bias = nn.Parameter(init_dt_bias(self.nheads_local, c))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads_local).uniform_(1.0, 16.0)))
+        self.D = nn.Parameter(torch.ones(self.nheads_local))
+        self.norm = build_module(
+            submodules.norm,
+            self.d_inner_local,
+            config=c,
+            group_size=self.d_inner_local // self.ngroups_local,
+        )
+        self.out_proj = build_module(
+            submodules.out_proj, self.d_inner, c.d_model, config=c, partition_sizes=(self.d_inner,)
+        )
         # mamba-ssm rescales the output projection by depth (GPT-2 style)
         with torch.no_grad():
             self.out_proj.weight.mul_(1.0 / math.sqrt(max(1, c.n_layers)))
+        # how each parameter splits over TP ranks (read by parallel.checkpoint)
+        set_tp_layout(self.in_proj.weight, 0, self.in_proj_parts)
+        set_tp_layout(self.conv1d.weight, 0, (self.d_inner, gn, gn))
+        set_tp_layout(self.conv1d.bias, 0, (self.d_inner, gn, gn))
+        for p in (self.dt_bias, self.A_log, self.D):
+            set_tp_layout(p, 0, (self.nheads,))
+        set_tp_layout(self.norm.weight, 0, (self.d_inner,))
+        set_tp_layout(self.out_proj.weight, 1, (self.d_inner,))
 
     @property
     def injection_size(self) -> int:
-        """Width of the injection ``u`` this mixer adds to its packed projection."""
+        """Global width of the injection ``u`` this mixer adds to its packed projection."""
         return self.d_in_proj
 
+    @property
+    def injection_parts(self) -> tuple[int, ...]:
+        """Global sizes of the injection's packed components ``[z, x, B, C, dt]``."""
+        return self.in_proj_parts
+
     def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        return torch.split(
+            zxbcdt, [self.d_inner_local, self.conv_dim_local, self.nheads_local], dim=-1
+        )
 
     def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gn = self.ngroups * self.d_state
-        x, B, C = torch.split(xbc, [self.d_inner, gn, gn], dim=-1)
+        gn = self.ngroups_local * self.d_state
+        x, B, C = torch.split(xbc, [self.d_inner_local, gn, gn], dim=-1)
         shape = xbc.shape[:-1]
         return (
-            x.reshape(*shape, self.nheads, self.headdim),
-            B.reshape(*shape, self.ngroups, self.d_state),
-            C.reshape(*shape, self.ngroups, self.d_state),
+            x.reshape(*shape, self.nheads_local, self.headdim),
+            B.reshape(*shape, self.ngroups_local, self.d_state),
+            C.reshape(*shape, self.ngroups_local, self.d_state),
         )
 
     def forward(
@@ -91,7 +134,7 @@ class Mamba2Mixer(nn.Module):
 
         Args:
             h: (b, l, d) normalised input.
-            u: (b, l, d_in_proj) injection, or None (explicit layer).
+            u: (b, l, d_in_proj / tp) this rank's share of the injection, or None (explicit).
             return_cache: also return the recurrent state after the last position.
 
         Returns:
@@ -130,7 +173,7 @@ class Mamba2Mixer(nn.Module):
         )
         y, state = scan if return_cache else (scan, None)
         # 4. gated norm and output projection
-        y = self.norm(y.reshape(b, l, self.d_inner), gate)
+        y = self.norm(y.reshape(b, l, self.d_inner_local), gate)
         out = self.out_proj(y)
         cache = Mamba2Cache(conv=window, ssm=upcast(state)) if return_cache else None
         return out, cache
@@ -142,7 +185,7 @@ class Mamba2Mixer(nn.Module):
 
         Args:
             h: (b, d) normalised input of the current token.
-            u: (b, d_in_proj) injection of the current token, or None.
+            u: (b, d_in_proj / tp) injection share of the current token, or None.
             cache: state after the previous token.
 
         Returns:
@@ -165,16 +208,18 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt + self.dt_bias)
         A = -torch.exp(upcast(self.A_log))
         y, state = ssd_step_op(cache.ssm, x, dt, A, B, C, D=self.D, backend=self.kernel_backend)
-        y = self.norm(y.reshape(b, self.d_inner), gate)
+        y = self.norm(y.reshape(b, self.d_inner_local), gate)
         return self.out_proj(y), Mamba2Cache(conv=window, ssm=state)
 
     def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> Mamba2Cache:
         """Zero state before the first token."""
         return Mamba2Cache(
-            conv=torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            conv=torch.zeros(
+                batch, self.conv_dim_local, self.d_conv - 1, device=device, dtype=dtype
+            ),
             ssm=torch.zeros(
                 batch,
-                self.nheads,
+                self.nheads_local,
                 self.headdim,
                 self.d_state,
                 device=device,

@@ -21,34 +21,54 @@ from ilm_megatron.models.llama import (
 )
 from ilm_megatron.models.mamba2 import Mamba2Mixer, Mamba2MixerSubmodules
 from ilm_megatron.models.stack import Block, BlockSubmodules, Stack, StackSubmodules
+from ilm_megatron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+
+def _linears(backend: str) -> tuple[type, type]:
+    """(column, row) linear classes of a backend: the only place the backends differ.
+
+    ``tp`` shards the packed projections per component (column) and the output projections along
+    their input (row, one all-reduce); norms, conv and SSM parameters follow the mixer's TP-local
+    sizes. See ``docs/parallelism.md``.
+    """
+    _check_backend(backend)
+    if backend == "tp":
+        return ColumnParallelLinear, RowParallelLinear
+    return Linear, Linear
 
 
 def mamba2_stack_spec(backend: str = "local") -> ModuleSpec:
     """Stack of Mamba2 blocks (mixer only, no MLP), as in the reference models."""
-    _check_backend(backend)
+    col, row = _linears(backend)
     mixer = ModuleSpec(
         module=Mamba2Mixer,
         submodules=Mamba2MixerSubmodules(
-            in_proj=Linear, conv1d=DepthwiseConv1d, norm=GatedRMSNorm, out_proj=Linear
+            in_proj=col, conv1d=DepthwiseConv1d, norm=GatedRMSNorm, out_proj=row
         ),
     )
     layer = ModuleSpec(module=Block, submodules=BlockSubmodules(norm=RMSNorm, mixer=mixer))
-    return ModuleSpec(module=Stack, submodules=StackSubmodules(layer=layer, final_norm=RMSNorm))
+    return ModuleSpec(
+        module=Stack,
+        submodules=StackSubmodules(layer=layer, final_norm=RMSNorm, injection=col),
+    )
 
 
 def llama_stack_spec(backend: str = "local") -> ModuleSpec:
     """Stack of Llama blocks: causal self-attention with RoPE, then a SwiGLU MLP."""
-    _check_backend(backend)
+    col, row = _linears(backend)
     attn = ModuleSpec(
         module=SelfAttention,
-        submodules=SelfAttentionSubmodules(qkv_proj=Linear, out_proj=Linear),
+        submodules=SelfAttentionSubmodules(qkv_proj=col, out_proj=row),
     )
-    mlp = ModuleSpec(module=SwiGLU, submodules=SwiGLUSubmodules(fc1=Linear, fc2=Linear))
+    mlp = ModuleSpec(module=SwiGLU, submodules=SwiGLUSubmodules(fc1=col, fc2=row))
     layer = ModuleSpec(
         module=Block,
         submodules=BlockSubmodules(norm=RMSNorm, mixer=attn, mlp_norm=RMSNorm, mlp=mlp),
     )
-    return ModuleSpec(module=Stack, submodules=StackSubmodules(layer=layer, final_norm=RMSNorm))
+    return ModuleSpec(
+        module=Stack,
+        submodules=StackSubmodules(layer=layer, final_norm=RMSNorm, injection=col),
+    )
 
 
 #: ``model.arch`` -> function(backend) returning the stack spec.
@@ -57,7 +77,7 @@ MODEL_REGISTRY: dict[str, Callable[[str], ModuleSpec]] = {
     "llama": llama_stack_spec,
 }
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "tp")
 
 
 def _check_backend(backend: str) -> None:

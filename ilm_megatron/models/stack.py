@@ -76,6 +76,8 @@ class Block(nn.Module):
 class StackSubmodules:
     layer: ModuleSpec | type
     final_norm: ModuleSpec | type
+    # the model's injection projection (built by ImplicitLM with the mixers' packed layout)
+    injection: ModuleSpec | type | None = None
 
 
 class Stack(nn.Module):
@@ -91,7 +93,13 @@ class Stack(nn.Module):
 
     @property
     def injection_size(self) -> int:
+        """Global width of the injection ``u``."""
         return self.layers[0].injection_size
+
+    @property
+    def injection_parts(self) -> tuple[int, ...]:
+        """Global sizes of the injection's packed components (TP shards each of them)."""
+        return self.layers[0].mixer.injection_parts
 
     def forward(
         self, z: torch.Tensor, u: torch.Tensor | None = None, return_cache: bool = False
@@ -100,7 +108,7 @@ class Stack(nn.Module):
 
         Args:
             z: (b, l, d) current iterate (fp32).
-            u: (b, l, injection_size) injection, or None (explicit pass).
+            u: (b, l, injection_size / tp) this rank's injection share, or None (explicit pass).
             return_cache: also return each layer's inference cache after the last position.
 
         Returns:

@@ -1,0 +1,129 @@
+"""Resharding between tensor-parallel shards and the single-process state dict.
+
+Every sharded parameter carries a layout (``tp_dim``, ``tp_parts``; see
+:func:`ilm_megatron.parallel.tensor_parallel.set_tp_layout`). For a packed tensor whose global
+components along ``dim`` have sizes ``p_0, ..., p_k`` (e.g. Mamba2 ``in_proj``:
+``[d_inner, d_inner, g*n, g*n, nheads]``), rank r of T holds
+``cat_i(component_i[r*p_i/T : (r+1)*p_i/T])``. Gathering splits each shard into its components,
+concatenates each component over ranks, then packs the components again. Replicated parameters are
+taken from the local model.
+
+The checkpoint format is the plain single-process state dict (``torch.save``), so a checkpoint
+saved at any TP size loads at any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ilm_megatron.parallel.state import tp_group, tp_rank, tp_world_size
+from ilm_megatron.parallel.tensor_parallel import get_tp_layout
+
+Layout = dict[str, tuple[int, tuple[int, ...]]]
+
+
+def tp_layout(model: nn.Module) -> Layout:
+    """``{state-dict name: (dim, global component sizes)}`` of every sharded parameter."""
+    return {
+        name: lay for name, p in model.named_parameters() if (lay := get_tp_layout(p)) is not None
+    }
+
+
+def shard_tensor(full: torch.Tensor, dim: int, parts: Sequence[int], rank: int, size: int):
+    """This rank's shard of a packed tensor: each component split in ``size`` equal pieces."""
+    comps = torch.split(full, list(parts), dim=dim)
+    return torch.cat([c.chunk(size, dim=dim)[rank] for c in comps], dim=dim).contiguous()
+
+
+def unshard_tensors(shards: Sequence[torch.Tensor], dim: int, parts: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`shard_tensor`: ``shards`` are the pieces of ranks 0..T-1."""
+    size = len(shards)
+    local = [p // size for p in parts]
+    per_rank = [torch.split(s, local, dim=dim) for s in shards]
+    comps = [torch.cat([pr[i] for pr in per_rank], dim=dim) for i in range(len(parts))]
+    return torch.cat(comps, dim=dim)
+
+
+def shard_state_dict(
+    full: Mapping[str, torch.Tensor], layout: Layout, rank: int, size: int
+) -> dict[str, torch.Tensor]:
+    """The state dict of TP rank ``rank`` of ``size`` from a full (single-process) one."""
+    out = {}
+    for k, v in full.items():
+        lay = layout.get(k)
+        out[k] = v if lay is None or size == 1 else shard_tensor(v, lay[0], lay[1], rank, size)
+    return out
+
+
+def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    size = tp_world_size()
+    if size == 1:
+        return [t]
+    t = t.detach().contiguous()
+    bufs = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(bufs, t, group=tp_group())
+    return bufs
+
+
+def gather_tensors(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Gather TP-local tensors named like ``model``'s parameters (weights or their gradients).
+
+    Collective over the TP group: every rank must call it with the same names in the same order.
+    """
+    layout = tp_layout(model)
+    out = {}
+    for k, v in tensors.items():
+        lay = layout.get(k)
+        if lay is None or tp_world_size() == 1:
+            out[k] = v.detach().clone()
+        else:
+            out[k] = unshard_tensors(_all_gather(v), lay[0], lay[1])
+    return out
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The single-process state dict of a TP-sharded model (collective; same on every rank)."""
+    return gather_tensors(model, model.state_dict())
+
+
+def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gathered gradients of every parameter that has one (collective)."""
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    return gather_tensors(model, grads)
+
+
+def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor]) -> None:
+    """Load a full state dict into ``model``, keeping this TP rank's shard of each tensor."""
+    sd = shard_state_dict(full, tp_layout(model), tp_rank(), _model_tp(model))
+    model.load_state_dict(sd)
+
+
+def _model_tp(model: nn.Module) -> int:
+    """TP degree the model was built with (1 for the local backend)."""
+    for m in model.modules():
+        tp = getattr(m, "tp", None)
+        if isinstance(tp, int):
+            return tp
+    return 1
+
+
+def save_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Gather the full state dict and write it from TP rank 0 (collective)."""
+    sd = full_state_dict(model)
+    if tp_rank() == 0:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(sd, path)
+    if dist.is_initialized() and tp_world_size() > 1:
+        dist.barrier(group=tp_group())
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint written at any TP size into ``model`` (any TP size)."""
+    load_full_state_dict(model, torch.load(path, map_location="cpu", weights_only=True))
