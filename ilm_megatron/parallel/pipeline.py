@@ -1,0 +1,584 @@
+"""Pipeline-parallel ring schedule for the whole-stack fixed point (DESIGN §4, docs/pipeline.md).
+
+The implicit model iterates ``F`` = all blocks + final norm, so with ``P`` stages the iterate goes
+round a ring ``0 -> 1 -> ... -> P-1 -> 0``. This module runs, with torch.distributed point-to-point
+messages (gloo on CPU, NCCL on GPU):
+
+1. **Injection**: stage 0 computes ``u`` (b, l, injection_size) of every micro-batch once and sends
+   it once to every stage, which caches it (as a leaf that accumulates its gradient).
+2. **Forward ring** with up to ``M`` micro-batches in flight: the no-grad solve (undamped
+   ``z <- F(z)``); the last stage keeps the previous iterate (its own last output), computes the
+   per-sample residual, the best iterate and the stop decision exactly as
+   :func:`~ilm_megatron.implicit.solver.solve`, and sends ``(flag, z)`` back to stage 0. A converged
+   micro-batch continues in its slot with its ``k`` phantom steps (with autograd; the damping
+   ``z_j = lam F(z_{j-1}) + (1 - lam) z_{j-1}`` is applied on the last stage, which holds both
+   terms); when those are done the slot takes the next micro-batch.
+3. **Backward ring** (reverse direction, driven by the last stage, ``M`` in flight): step ``j`` is
+   back-propagated ``P-1 -> ... -> 0``; stage 0's input-gradient is sent to the last stage and added
+   to the damping term ``(1 - lam) g_j`` to give ``g_{j-1}``.
+4. ``u``'s gradient of every stage goes back to stage 0 and through the injection to the embedding.
+   With tied embeddings the last stage uses its own reference to the embedding weight for the head,
+   and stage 0 and stage ``P-1`` exchange and sum their embedding gradients (Megatron's
+   "embedding group" all-reduce, done with two point-to-point messages).
+
+All message orders are deterministic given the stop decisions, and every message carries a header,
+so stages other than 0 simply follow what arrives.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ilm_megatron.implicit.solver import EPS, SolverStats, relative_residual
+from ilm_megatron.models.stack import upcast
+
+# message tags: one channel per kind of traffic so that their orders do not interfere
+TAG_U, TAG_FWD, TAG_RET, TAG_BWD, TAG_BRET, TAG_UGRAD, TAG_EMB = 11, 12, 13, 14, 15, 16, 17
+# header kinds
+K_SOLVE, K_PHANTOM, K_STOP, K_PAD = 0, 1, 2, 3
+_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+HEADER = 4  # [kind, micro-batch, step, flag]
+
+
+def stage_layer_range(n_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
+    """Contiguous layers ``[start, end)`` of stage ``pp_rank`` (remainder spread over the first)."""
+    base, rem = divmod(n_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, rem)
+    return start, start + base + (1 if pp_rank < rem else 0)
+
+
+class PipelineStage(nn.Module):
+    """One pipeline stage: references to the submodules of a full :class:`ImplicitLM`.
+
+    Stage 0 holds the embedding and the injection; stage ``P-1`` holds the final norm and the head
+    (with tied embeddings a reference to the embedding weight). ``forward`` is this stage's share of
+    one evaluation of ``F``.
+    """
+
+    def __init__(self, model: nn.Module, pp_rank: int, pp_size: int) -> None:
+        super().__init__()
+        if pp_size < 2:
+            raise ValueError(f"the ring schedule needs pp_size >= 2, got {pp_size}")
+        if not 0 <= pp_rank < pp_size:
+            raise ValueError(f"pp_rank {pp_rank} out of range for pp_size {pp_size}")
+        n = len(model.stack.layers)
+        if n < pp_size:
+            raise ValueError(f"{n} layers cannot be split into {pp_size} stages")
+        self.pp_rank, self.pp_size = pp_rank, pp_size
+        self.config = model.config
+        self.solver_config = model.solver_config
+        self.layer_range = stage_layer_range(n, pp_rank, pp_size)
+        self.layers = nn.ModuleList(model.stack.layers[i] for i in range(*self.layer_range))
+        self.is_first, self.is_last = pp_rank == 0, pp_rank == pp_size - 1
+        self.tied = model.lm_head is None
+        keep_embedding = self.is_first or (self.is_last and self.tied)
+        self.embedding = model.embedding if keep_embedding else None
+        self.injection_norm = model.injection_norm if self.is_first else None
+        self.injection = model.injection if self.is_first else None
+        self.final_norm = model.stack.final_norm if self.is_last else None
+        self.lm_head = model.lm_head if self.is_last else None
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Stage 0: ids (b, l) -> injection u (b, l, injection_size), with autograd."""
+        assert self.is_first and self.injection is not None
+        e = upcast(self.embedding(ids))
+        return self.injection(self.injection_norm(e))
+
+    def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """z: (b, l, d) fp32 -> this stage's layers (+ final norm on the last stage) (b, l, d)."""
+        for layer in self.layers:
+            z, _ = layer(z, u)
+        if self.final_norm is not None:
+            z = upcast(self.final_norm(z))
+        return z
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """Last stage: z (..., d) -> logits (..., padded_vocab)."""
+        if self.lm_head is not None:
+            return self.lm_head(z)
+        return F.linear(z, self.embedding.weight)
+
+
+def split_model_into_stages(model: nn.Module, pp_rank: int, pp_size: int) -> PipelineStage:
+    """Stage ``pp_rank`` of ``pp_size`` of a full model (submodules are shared, not copied)."""
+    return PipelineStage(model, pp_rank, pp_size)
+
+
+def default_loss(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Mean token cross-entropy over the real vocabulary. logits (b, l, V'), targets (b, l)."""
+    return F.cross_entropy(logits[..., :vocab].flatten(0, 1).float(), targets.flatten())
+
+
+@dataclass
+class PipelineStats:
+    """What the schedule did on this rank.
+
+    Attributes:
+        iters: per micro-batch solver evaluations (known on stage 0 and the last stage).
+        solver: per micro-batch :class:`SolverStats` (last stage only; empty elsewhere).
+        compute_s / wait_s / total_s: per phase ("forward", "backward") seconds spent computing,
+            blocked in receives, and in the whole phase on this rank.
+    """
+
+    iters: list[int] = field(default_factory=list)
+    solver: list[SolverStats] = field(default_factory=list)
+    compute_s: dict[str, float] = field(default_factory=dict)
+    wait_s: dict[str, float] = field(default_factory=dict)
+    total_s: dict[str, float] = field(default_factory=dict)
+
+    def bubble(self, phase: str = "forward") -> float:
+        """Idle fraction ``1 - compute / total`` of a phase on this rank."""
+        t = self.total_s.get(phase, 0.0)
+        return 1.0 - self.compute_s.get(phase, 0.0) / t if t > 0 else 0.0
+
+
+class _Timer:
+    """Accumulates the seconds spent inside ``with timer:`` blocks (compute time)."""
+
+    def __init__(self) -> None:
+        self.s = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.s += time.perf_counter() - self._t0
+
+
+class _Comm:
+    """Point-to-point helpers: isend everything (no deadlock), time the blocking receives."""
+
+    def __init__(self, ranks: Sequence[int]) -> None:
+        self.ranks = list(ranks)
+        self.pending: list[tuple[object, torch.Tensor]] = []
+        self.wait = 0.0
+
+    def send(self, t: torch.Tensor, stage: int, tag: int) -> None:
+        t = t.detach().contiguous()
+        self.pending.append((dist.isend(t, self.ranks[stage], tag=tag), t))
+        if len(self.pending) > 64:
+            self.pending = [(w, x) for w, x in self.pending if not w.is_completed()]
+
+    def recv(self, shape: Sequence[int], dtype: torch.dtype, stage: int, tag: int) -> torch.Tensor:
+        t = torch.empty(tuple(shape), dtype=dtype)
+        t0 = time.perf_counter()
+        dist.recv(t, self.ranks[stage], tag=tag)
+        self.wait += time.perf_counter() - t0
+        return t
+
+    def flush(self) -> None:
+        for w, _ in self.pending:
+            w.wait()
+        self.pending = []
+
+    # ring messages: one flat tensor ``[kind, mb, step, flag, *payload]`` of a fixed size, with
+    # ``depth`` receives always posted ahead so that transfers overlap the receiver's compute
+    # (gloo only moves data once the receive is posted). A stream ends with ``depth`` pads.
+    def setup_ring(self, shape: Sequence[int], dtype: torch.dtype, depth: int) -> None:
+        self.shape, self.dtype, self.depth = tuple(shape), dtype, depth
+        self.numel = HEADER + math.prod(self.shape)
+        self.chans: dict[tuple[int, int], deque] = {}
+
+    def _post(self, stage: int, tag: int) -> None:
+        buf = torch.empty(self.numel, dtype=self.dtype)
+        self.chans[(stage, tag)].append((dist.irecv(buf, self.ranks[stage], tag=tag), buf))
+
+    def open(self, stage: int, tag: int) -> None:
+        self.chans[(stage, tag)] = deque()
+        for _ in range(self.depth):
+            self._post(stage, tag)
+
+    def put(
+        self,
+        stage: int,
+        tag: int,
+        kind: int,
+        mb: int,
+        step: int = 0,
+        flag: int = 0,
+        payload: torch.Tensor | None = None,
+    ) -> None:
+        buf = torch.empty(self.numel, dtype=self.dtype)
+        buf[:HEADER] = torch.tensor([kind, mb, step, flag], dtype=self.dtype)
+        if payload is not None:
+            buf[HEADER:] = payload.detach().reshape(-1)
+        self.send(buf, stage, tag)
+
+    def pad(self, stage: int, tag: int) -> None:
+        for _ in range(self.depth):
+            self.put(stage, tag, K_PAD, -1)
+
+    def get(self, stage: int, tag: int) -> tuple[int, int, int, int, torch.Tensor]:
+        """Next message of a stream: ``(kind, mb, step, flag, payload shaped like z)``."""
+        chan = self.chans[(stage, tag)]
+        work, buf = chan.popleft()
+        t0 = time.perf_counter()
+        work.wait()
+        self.wait += time.perf_counter() - t0
+        self._post(stage, tag)
+        kind, mb, step, flag = (int(x) for x in buf[:HEADER].tolist())
+        return kind, mb, step, flag, buf[HEADER:].view(self.shape)
+
+    def close(self, stage: int, tag: int) -> None:
+        """Consume the pads that answer the receives still posted."""
+        for work, buf in self.chans.pop((stage, tag)):
+            work.wait()
+            assert int(buf[0].item()) == K_PAD, "stream closed with a message still in flight"
+
+
+@dataclass
+class _MB:
+    """Per micro-batch state on one stage."""
+
+    shape: tuple[int, ...]  # z shape (b, l, d)
+    zdtype: torch.dtype
+    u: torch.Tensor  # leaf (b, l, inj) that accumulates this stage's u-gradient
+    # last stage: solver state
+    it: int = 0
+    prev: torch.Tensor | None = None
+    best: torch.Tensor | None = None
+    best_res: torch.Tensor | None = None
+    sample_iters: torch.Tensor | None = None
+    # phantom graph pieces per step j: (stage input leaf, stage output[, damped z_j, z_{j-1} leaf])
+    saved: dict[int, tuple] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+
+
+def pipeline_forward_backward(
+    stage: PipelineStage,
+    ids_microbatches: Sequence[torch.Tensor] | None,
+    targets_microbatches: Sequence[torch.Tensor] | None,
+    cfg: object | None = None,
+    *,
+    n_microbatches: int | None = None,
+    in_flight: int = 2,
+    pp_ranks: Sequence[int] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_scale: float = 1.0,
+    max_iter: int | None = None,
+    backward: bool = True,
+) -> tuple[list[torch.Tensor], PipelineStats]:
+    """Solve, phantom steps and backward of ``N`` micro-batches on a ring of ``P`` stages.
+
+    Every rank of the pipeline calls this with its own stage. Gradients are accumulated into the
+    ``.grad`` of the parameters of each stage (``loss_scale * sum`` over micro-batches of each
+    micro-batch's loss), exactly as a single process running ``model(ids_i)`` and
+    ``(loss_scale * loss_i).backward()`` for each ``i``.
+
+    Args:
+        stage: this rank's :class:`PipelineStage`.
+        ids_microbatches: stage 0: N tensors (b, l) of token ids; ignored elsewhere (may be None).
+        targets_microbatches: last stage: N tensors (b, l) of targets; ignored elsewhere.
+        cfg: a :class:`~ilm_megatron.config.SolverConfig` (or a full Config); default: the model's.
+        n_microbatches: N, needed on stages that get no ``ids_microbatches``.
+        in_flight: M, micro-batches circulating at once (>= 1; >= P keeps every stage busy).
+        pp_ranks: global ranks of stages ``0..P-1`` (default ``range(P)``).
+        loss_fn: ``(logits (b, l, V'), targets (b, l)) -> scalar``; default mean cross-entropy.
+        loss_scale: multiplies each loss before backward (e.g. ``1 / N``).
+        max_iter: solver cap override (default ``f_max_iter``).
+        backward: False runs the forward ring only (solve + phantom forward, no gradients).
+
+    Returns:
+        ``(losses, stats)``: on the last stage the N detached, unscaled losses; [] elsewhere.
+    """
+    s_cfg = getattr(cfg, "solver", cfg) if cfg is not None else stage.solver_config
+    cap = s_cfg.f_max_iter if max_iter is None else max_iter
+    tol, k, lam = s_cfg.f_tol, s_cfg.phantom_steps, s_cfg.phantom_damping
+    P, rank = stage.pp_size, stage.pp_rank
+    if ids_microbatches is not None and stage.is_first:
+        n_microbatches = len(ids_microbatches)
+    if n_microbatches is None:
+        raise ValueError("n_microbatches is required on stages without ids_microbatches")
+    N, M = n_microbatches, max(1, in_flight)
+    comm = _Comm(pp_ranks if pp_ranks is not None else range(P))
+    stats = PipelineStats(iters=[0] * N)
+    vocab = stage.config.vocab_size
+    if loss_fn is None:
+
+        def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return default_loss(logits, targets, vocab)
+
+    timer = _Timer()
+
+    # ---------------------------------------------------------------- 1. injection
+    mbs: dict[int, _MB] = {}
+    u_graph: list[torch.Tensor] = []
+    t_phase = time.perf_counter()
+    if stage.is_first:
+        assert ids_microbatches is not None
+        d = stage.config.d_model
+        for i, ids in enumerate(ids_microbatches):
+            with torch.enable_grad():
+                with timer:
+                    u = stage.embed(ids)
+            u_graph.append(u)
+            zdt = upcast(stage.embedding.weight[:1]).dtype
+            shape = (*ids.shape, d)
+            meta = torch.tensor(
+                [i, *ids.shape, u.shape[-1], _DTYPES.index(u.dtype), _DTYPES.index(zdt)]
+            )
+            for s in range(1, P):
+                comm.send(meta, s, TAG_U)
+                comm.send(u, s, TAG_U)
+            mbs[i] = _MB(shape, zdt, u.detach().requires_grad_(True))
+
+    def get_mb(i: int) -> _MB:
+        """Stages > 0: the cached injection of micro-batch i (received on first sight, in order)."""
+        while i not in mbs:
+            meta = comm.recv((6,), torch.long, 0, TAG_U)
+            j, b, l_, inj, udt, zdt = (int(x) for x in meta)
+            u = comm.recv((b, l_, inj), _DTYPES[udt], 0, TAG_U)
+            shape = (b, l_, stage.config.d_model)
+            mbs[j] = _MB(shape, _DTYPES[zdt], u.requires_grad_(True))
+        return mbs[i]
+
+    # ---------------------------------------------------------------- 2. forward ring
+    first = get_mb(0) if not stage.is_first else mbs[0]
+    if stage.is_first and any(mbs[i].shape != first.shape for i in range(N)):
+        raise ValueError("all micro-batches must have the same shape")
+    comm.setup_ring(first.shape, first.zdtype, depth=max(2, M))
+
+    def stage_phantom(mb: _MB, j: int, z: torch.Tensor) -> torch.Tensor:
+        # stage 0's input of step 1 is the detached z*; every other input carries a gradient
+        x = z.detach().requires_grad_(j > 1 or not stage.is_first)
+        with torch.enable_grad(), timer:
+            out = stage(x, mb.u)
+        mb.saved[j] = (x, out)
+        return out
+
+    if stage.is_first:
+        comm.open(P - 1, TAG_RET)
+        pending = deque(range(N))
+        ring: deque[int] = deque()  # micro-batches in flight, in ring order
+
+        def start(i: int, kind: int, step: int, z: torch.Tensor) -> None:
+            mb = mbs[i]
+            if kind == K_SOLVE:
+                with torch.no_grad(), timer:
+                    out = stage(z, mb.u)
+            else:
+                out = stage_phantom(mb, step, z)
+            comm.put(1, TAG_FWD, kind, i, step, 0, out)
+            ring.append(i)
+
+        def start_new() -> None:
+            i = pending.popleft()
+            mb = mbs[i]
+            z0 = torch.zeros(mb.shape, dtype=mb.zdtype)
+            start(i, K_SOLVE if cap > 0 else K_PHANTOM, 1, z0)
+
+        while pending and len(ring) < M:
+            start_new()
+        while ring:
+            kind, i, step, flag, z = comm.get(P - 1, TAG_RET)
+            assert ring.popleft() == i, "ring order broken"
+            if kind == K_SOLVE:
+                stats.iters[i] = step
+                if flag:  # solved: z is the best iterate, continue with phantom step 1
+                    start(i, K_PHANTOM, 1, z)
+                else:
+                    start(i, K_SOLVE, step + 1, z)
+            elif step < k:
+                start(i, K_PHANTOM, step + 1, z)
+            elif pending:
+                start_new()
+        comm.put(1, TAG_FWD, K_STOP, -1)
+        comm.pad(1, TAG_FWD)
+        comm.close(P - 1, TAG_RET)
+    else:
+        comm.open(rank - 1, TAG_FWD)
+        while True:
+            kind, i, step, flag, z = comm.get(rank - 1, TAG_FWD)
+            if kind == K_STOP:
+                if stage.is_last:
+                    comm.pad(0, TAG_RET)
+                else:
+                    comm.put(rank + 1, TAG_FWD, K_STOP, -1)
+                    comm.pad(rank + 1, TAG_FWD)
+                break
+            mb = get_mb(i)
+            if kind == K_SOLVE:
+                with torch.no_grad(), timer:
+                    out = stage(z, mb.u)
+            else:
+                out = stage_phantom(mb, step, z)
+            if not stage.is_last:
+                comm.put(rank + 1, TAG_FWD, kind, i, step, 0, out)
+                continue
+            if kind == K_SOLVE:
+                with timer:
+                    done = _solver_update(mb, out, step, cap, tol)
+                stats.iters[i] = step
+                comm.put(0, TAG_RET, K_SOLVE, i, step, int(done), mb.best if done else out)
+                continue
+            # phantom step on the last stage: damping with z_{j-1} held here
+            if step == 1:
+                zp = mb.best if mb.best is not None else torch.zeros(mb.shape, dtype=mb.zdtype)
+                zp = zp.detach()
+            else:
+                zp = mb.saved[step - 1][2].detach().requires_grad_(True)
+            with torch.enable_grad(), timer:
+                zj = out if lam == 1.0 else lam * out + (1.0 - lam) * zp
+            mb.saved[step] = (*mb.saved[step], zj, zp)
+            if step < k:
+                comm.put(0, TAG_RET, K_PHANTOM, i, step, 0, zj)
+            else:
+                tgt = targets_microbatches[i]
+                with torch.enable_grad(), timer:
+                    mb.loss = loss_fn(stage.head(zj), tgt)
+                comm.put(0, TAG_RET, K_PHANTOM, i, step, 1)
+        comm.close(rank - 1, TAG_FWD)
+    comm.flush()
+    stats.total_s["forward"] = time.perf_counter() - t_phase
+    stats.compute_s["forward"], stats.wait_s["forward"] = timer.s, comm.wait
+    losses: list[torch.Tensor] = []
+    if stage.is_last:
+        for i in range(N):
+            mb = mbs[i]
+            it = mb.it
+            res = mb.best_res if cap > 0 else torch.full((mb.shape[0],), float("nan"))
+            si = (
+                mb.sample_iters.clamp(max=it)
+                if cap > 0
+                else torch.zeros(mb.shape[0], dtype=torch.long)
+            )
+            stats.solver.append(SolverStats(it, res, si, tol, "train"))
+            losses.append(mb.loss.detach())
+    if not backward:
+        return losses, stats
+
+    # ---------------------------------------------------------------- 3. backward ring
+    timer.s, comm.wait = 0.0, 0.0
+    t_phase = time.perf_counter()
+
+    def back(out: torch.Tensor, g: torch.Tensor) -> None:
+        with timer:
+            torch.autograd.backward(out, g)
+
+    if stage.is_last:
+        comm.open(0, TAG_BRET)
+        pending = deque(range(N))
+        ring = deque()
+
+        def bwd_step(i: int, j: int, g: torch.Tensor | None) -> None:
+            """Backward of phantom step j on the last stage; g: grad of z_j (None: the loss)."""
+            mb = mbs[i]
+            x, out, zj, zp = mb.saved[j]
+            if g is None:
+                with timer:
+                    (loss_scale * mb.loss).backward()
+            else:
+                back(zj, g)
+            gx = x.grad if x.grad is not None else torch.zeros_like(x)
+            comm.put(P - 2, TAG_BWD, K_PHANTOM, i, j, 0, gx)
+            ring.append(i)
+
+        while pending and len(ring) < M:
+            bwd_step(pending.popleft(), k, None)
+        while ring:
+            _, i, j, _, g0 = comm.get(0, TAG_BRET)
+            assert ring.popleft() == i, "backward ring order broken"
+            mb = mbs[i]
+            if j > 1:
+                zp = mb.saved[j][3]
+                g = g0 if zp.grad is None else g0 + zp.grad
+                mb.saved.pop(j)
+                bwd_step(i, j - 1, g)
+            else:
+                mb.saved.clear()
+                if pending:
+                    bwd_step(pending.popleft(), k, None)
+        comm.put(P - 2, TAG_BWD, K_STOP, -1)
+        comm.pad(P - 2, TAG_BWD)
+        comm.close(0, TAG_BRET)
+    else:
+        comm.open(rank + 1, TAG_BWD)
+        while True:
+            kind, i, j, _, g = comm.get(rank + 1, TAG_BWD)
+            if kind == K_STOP:
+                if rank > 0:
+                    comm.put(rank - 1, TAG_BWD, K_STOP, -1)
+                    comm.pad(rank - 1, TAG_BWD)
+                else:
+                    comm.pad(P - 1, TAG_BRET)
+                break
+            mb = mbs[i]
+            x, out = mb.saved.pop(j)
+            back(out, g)
+            if rank > 0:
+                comm.put(rank - 1, TAG_BWD, K_PHANTOM, i, j, 0, x.grad)
+            else:  # stage 0's input-gradient goes on to the last stage (z_{j-1} path)
+                comm.put(P - 1, TAG_BRET, K_PHANTOM, i, j, 0, x.grad if j > 1 else None)
+        comm.close(rank + 1, TAG_BWD)
+
+    # ---------------------------------------------------------------- 4. u and embedding grads
+    if stage.is_first:
+        for i in range(N):
+            mb = mbs[i]
+            gu = mb.u.grad if mb.u.grad is not None else torch.zeros_like(mb.u)
+            for s in range(1, P):
+                gu = gu + comm.recv(mb.u.shape, mb.u.dtype, s, TAG_UGRAD)
+            back(u_graph[i], gu)
+    else:
+        for i in range(N):
+            mb = mbs[i]
+            comm.send(mb.u.grad if mb.u.grad is not None else torch.zeros_like(mb.u), 0, TAG_UGRAD)
+    if stage.tied and (stage.is_first or stage.is_last):
+        w = stage.embedding.weight
+        mine = w.grad.clone() if w.grad is not None else torch.zeros_like(w)
+        other = P - 1 if stage.is_first else 0
+        comm.send(mine, other, TAG_EMB)
+        theirs = comm.recv(w.shape, w.dtype, other, TAG_EMB)
+        # same order of addition on both ends: stage 0's part + last stage's part
+        total = mine + theirs if stage.is_first else theirs + mine
+        w.grad = total
+    comm.flush()
+    stats.total_s["backward"] = time.perf_counter() - t_phase
+    stats.compute_s["backward"], stats.wait_s["backward"] = timer.s, comm.wait
+    return losses, stats
+
+
+@torch.no_grad()
+def _solver_update(mb: _MB, fz: torch.Tensor, it: int, cap: int, tol: float) -> bool:
+    """Last stage: one iteration of :func:`solve`'s bookkeeping for one micro-batch.
+
+    ``fz``: (b, l, d) = F(z) of iteration ``it``; the iterate ``z`` is the previous output (zeros at
+    ``it == 1``). Returns True when the micro-batch stops (all samples below ``tol`` or the cap).
+    """
+    b = fz.shape[0]
+    if it == 1:
+        mb.prev = torch.zeros_like(fz)
+        mb.best = mb.prev
+        mb.best_res = torch.full((b,), float("inf"))
+        mb.sample_iters = torch.full((b,), cap, dtype=torch.long)
+    res = relative_residual(fz, mb.prev)
+    better = res < mb.best_res
+    mask = better.view(b, *([1] * (fz.dim() - 1)))
+    mb.best = torch.where(mask, fz, mb.best)
+    mb.best_res = torch.where(better, res, mb.best_res)
+    newly = (res < tol) & (mb.sample_iters == cap)
+    mb.sample_iters = torch.where(newly, torch.full_like(mb.sample_iters, it), mb.sample_iters)
+    mb.prev = fz
+    mb.it = it
+    return bool(mb.best_res.max().item() < tol) or it >= cap
+
+
+__all__ = [
+    "EPS",
+    "PipelineStage",
+    "PipelineStats",
+    "default_loss",
+    "pipeline_forward_backward",
+    "split_model_into_stages",
+    "stage_layer_range",
+]
