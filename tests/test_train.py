@@ -67,8 +67,8 @@ def test_periodic_validation_and_parallel_keys_refused(tmp_path):
     )  # fmt: skip
     res = train(cfg, tmp_path, quiet=True)
     assert all("val_acc_all" in rec and "val_iters_mean" in rec for rec in res.history)
-    with pytest.raises(NotImplementedError, match="parallel.tp=2"):
-        train(load_config([], ["parallel.tp=2"]), tmp_path / "tp", quiet=True)
+    with pytest.raises(NotImplementedError, match="parallel.pp=2"):
+        train(load_config([], ["parallel.pp=2"]), tmp_path / "pp", quiet=True)
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -24,6 +24,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no per-step console lines")
+    p.add_argument(  # the deepspeed launcher may add it; LOCAL_RANK in the environment rules
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     return p.parse_args(argv)
 

@@ -34,6 +34,7 @@ from ilm_megatron.train.checkpoint import (
 )
 from ilm_megatron.train.curriculum import apply_phase, phase_at
 from ilm_megatron.train.data import build_train_data
+from ilm_megatron.train.distributed import check_parallel, wants_deepspeed
 from ilm_megatron.train.metrics import MetricsLogger, memory_gb
 
 
@@ -174,16 +175,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _check_parallel(cfg: Config) -> None:
-    par = cfg.parallel
-    if par.tp * par.pp > 1 or par.zero_stage or par.microbatches > 1:
-        raise NotImplementedError(
-            f"parallel.tp={par.tp}, parallel.pp={par.pp}, parallel.microbatches="
-            f"{par.microbatches}, parallel.zero_stage={par.zero_stage}: this trainer runs a single "
-            "process; tensor/pipeline parallelism and ZeRO are not available in it yet"
-        )
-
-
 def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
     """Train ``cfg`` in this process and write ``run_dir``. Returns history and final metrics.
 
@@ -192,7 +183,9 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
     sequence is bitwise identical to an uninterrupted run. SIGTERM/SIGINT finish the current step,
     save a checkpoint and return (``result.final["preempted"]``).
     """
-    _check_parallel(cfg)
+    check_parallel(cfg)
+    if wants_deepspeed(cfg):
+        return _train_deepspeed(cfg, run_dir, quiet)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_text = config_to_yaml(cfg)
     (run_dir / "config.yaml").write_text(config_text)
@@ -215,6 +208,11 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
     latest = latest_checkpoint(ckpt_root) if cfg.train.resume else None
     if latest is not None:
         state = load_training_checkpoint(latest, model)
+        if "optimizer" not in state:
+            raise ValueError(
+                f"{latest} was written by the DeepSpeed trainer (ZeRO / several processes): "
+                "resume it with the same parallel.zero_stage and number of processes"
+            )
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_torch"])
         data.load_state_dict(state["data"])
@@ -372,3 +370,329 @@ def default_run_dir(cfg: Config) -> Path:
         return Path(cfg.run_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path(os.environ.get("ILM_RUNS", "runs")) / f"{cfg.model.arch}-{stamp}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallel with DeepSpeed ZeRO (torchrun / deepspeed launchers, or zero_stage>0 alone)
+
+_CRASH_MARKER = ".ilm_test_crashed"
+
+
+def _test_hooks(step: int, rank: int, world: int, run_dir: Path, loss: torch.Tensor | None):
+    """Fault injection for the distributed tests, driven by environment variables.
+
+    ``ILM_TEST_CRASH_AT_STEP=N``: the last rank dies (``os._exit(1)``) before step ``N + 1``,
+    once per run directory (a marker file keeps a restarted job from dying again).
+    ``ILM_TEST_NAN_AT_STEPS=a,b``: the last rank's loss is NaN at those (1-based) steps.
+    """
+    if rank != world - 1:
+        return loss
+    if loss is None:
+        crash = os.environ.get("ILM_TEST_CRASH_AT_STEP")
+        marker = run_dir / _CRASH_MARKER
+        if crash and step == int(crash) and not marker.exists():
+            marker.write_text(f"crashed before step {step + 1}\n")
+            os._exit(1)
+        return None
+    nan_steps = os.environ.get("ILM_TEST_NAN_AT_STEPS", "")
+    if nan_steps and str(step + 1) in nan_steps.split(","):
+        return loss * float("nan")
+    return loss
+
+
+def _ds_save(engine: Any, ctx: Any, ckpt_root: Path, cfg: Config, state: dict) -> Path:
+    """Save a DeepSpeed checkpoint on all ranks with the same atomic scheme as one process.
+
+    Every rank writes into ``checkpoints/.step-N.tmp`` (DeepSpeed's model and ZeRO optimizer
+    shards, plus ``trainer-rankRRRRR.pt``); rank 0 adds ``model.safetensors`` and
+    ``trainer.pt``. After a barrier, rank 0 renames the folder to ``step-N``, rewrites
+    ``latest`` and prunes beyond ``keep_last``; a final barrier keeps the ranks together.
+    """
+    import shutil
+
+    from ilm_megatron.train.checkpoint import _step_dir, _write_text_atomic
+
+    final = _step_dir(ckpt_root, state["counters"]["step"])
+    tmp = ckpt_root / f".{final.name}.tmp"
+    if ctx.is_rank0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    ctx.barrier()
+    engine.save_checkpoint(str(ckpt_root), tag=tmp.name, client_state={}, save_latest=False)
+    torch.save(state, tmp / f"trainer-rank{ctx.rank:05d}.pt")
+    if ctx.is_rank0:
+        save_model(engine.module, cfg, tmp / "model.safetensors")
+        torch.save(state, tmp / "trainer.pt")
+    ctx.barrier()
+    if ctx.is_rank0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(ckpt_root / "latest", final.name + "\n")
+        steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+        for old in steps[: -cfg.train.keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+    return final
+
+
+def _ds_load(engine: Any, ctx: Any, latest: Path) -> dict:
+    """Load a checkpoint written by :func:`_ds_save`; returns this rank's trainer state."""
+    from ilm_megatron.train.checkpoint import load_model
+
+    if not (latest / "mp_rank_00_model_states.pt").is_file():
+        raise ValueError(
+            f"{latest} was written by the single-process trainer (no DeepSpeed state): resume it "
+            "without ZeRO in one process, or start a new run directory"
+        )
+    own = latest / f"trainer-rank{ctx.rank:05d}.pt"
+    if not own.is_file():
+        raise ValueError(
+            f"{latest} has no trainer state for rank {ctx.rank}: it was written with a different "
+            f"number of processes than now ({ctx.world_size})"
+        )
+    load_model(latest / "model.safetensors", engine.module)  # architecture check
+    path, _ = engine.load_checkpoint(
+        str(latest.parent),
+        tag=latest.name,
+        load_module_strict=True,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=False,
+    )
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load {latest}")
+    return torch.load(own, weights_only=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after ``step`` (written by an attempt that died before its next save)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _train_deepspeed(cfg: Config, run_dir: Path, quiet: bool) -> TrainResult:
+    """The training loop on a DeepSpeed engine: data parallel with ZeRO stage 0/1/2.
+
+    Each data-parallel rank takes its slice of the global batch (split further into
+    ``parallel.microbatches`` for gradient accumulation). Losses and accuracies are averaged
+    over ranks; the solver statistics are rank 0's. A non-finite loss on any rank poisons the
+    gradients on every rank so that the update is skipped everywhere (lock-step); a SIGTERM on
+    any rank makes all ranks save and exit.
+    """
+    import deepspeed
+
+    from ilm_megatron.train import distributed as D
+
+    ctx = D.setup(cfg)
+    rank0 = ctx.is_rank0
+    config_text = config_to_yaml(cfg)
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_text)
+    ctx.barrier()
+    ckpt_root = run_dir / "checkpoints"
+    device = ctx.device
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.solver).to(device)
+    model.train()
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.train.lr,
+        betas=(cfg.train.beta1, cfg.train.beta2),
+        weight_decay=cfg.train.weight_decay,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=D.deepspeed_config(cfg, ctx), mpu=ctx.mpu
+    )
+    module: ImplicitLM = engine.module
+    zero = cfg.parallel.zero_stage
+    mb = cfg.parallel.microbatches
+    data = build_train_data(cfg, ctx.dp_rank, ctx.dp_size)
+    counters = {"step": 0, "tokens": 0, "nan_streak": 0, "nan_skipped": 0, "unconverged": 0}
+    log = MetricsLogger(
+        run_dir,
+        quiet or not rank0,
+        cfg.train.tensorboard and rank0,
+        config_text,
+        cfg.train.max_steps,
+    )
+    metrics_path = run_dir / "metrics.jsonl"
+    latest = latest_checkpoint(ckpt_root) if cfg.train.resume else None
+    if latest is not None:
+        state = _ds_load(engine, ctx, latest)
+        torch.set_rng_state(state["rng_torch"])
+        data.load_state_dict(state["data"])
+        counters.update(state["counters"])
+        if rank0:
+            _truncate_metrics(metrics_path, counters["step"])
+        log.say(f"ilm-train: resumed from {latest} at step {counters['step']}")
+    elif rank0 and (cfg.train.resume is False or not metrics_path.exists()):
+        metrics_path.write_text("")
+    ctx.barrier()
+
+    def save() -> Path:
+        state = {
+            "rng_torch": torch.get_rng_state(),
+            "data": data.state_dict(),
+            "counters": dict(counters),
+            "world_size": ctx.world_size,
+        }
+        return _ds_save(engine, ctx, ckpt_root, cfg, state)
+
+    vocab = cfg.model.vocab_size
+    result = TrainResult(run_dir)
+    n_params = sum(p.numel() for p in module.parameters())
+    log.say(
+        f"ilm-train: {'implicit' if cfg.model.implicit else 'explicit'} {cfg.model.arch}, "
+        f"{n_params / 1e3:.1f}K params, {data.describe}, {cfg.train.max_steps} steps on "
+        f"{ctx.world_size} x {device} (DeepSpeed ZeRO-{zero}, {mb} microbatch(es)); "
+        f"run dir {run_dir}"
+    )
+    t0 = time.perf_counter()
+    tokens_at_start = counters["tokens"]
+    window: list[dict[str, float]] = []
+    iters_seen: list[torch.Tensor] = []
+    preempted = None
+    with _StopFlag() as stop:
+        while counters["step"] < cfg.train.max_steps:
+            step = counters["step"]
+            _test_hooks(step, ctx.rank, ctx.world_size, run_dir, None)
+            phase = phase_at(counters["tokens"], cfg)
+            apply_phase(phase, module.solver_config)
+            lr = lr_at(step, cfg)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            x, y = data.next_batch()
+            x, y = x.to(device), y.to(device)
+            loss_sum = acc_sum = 0.0
+            bad = stop_any = False
+            gnorm = float("nan")
+            applied = True
+            for i, (xc, yc) in enumerate(zip(x.chunk(mb), y.chunk(mb))):
+                out = engine(xc)
+                loss = _test_hooks(step, ctx.rank, ctx.world_size, run_dir,
+                                   token_loss(out.logits, yc, vocab))  # fmt: skip
+                acc = (out.logits[..., :vocab].argmax(-1) == yc).float().mean().item()
+                ok = bool(torch.isfinite(loss))
+                nonfinite, stops, lsum, asum = ctx.all_reduce_sum(
+                    [0.0 if ok else 1.0, float(stop.signum is not None),
+                     loss.item() if ok else 0.0, acc]
+                )  # fmt: skip
+                stop_any |= stops > 0
+                loss_sum += lsum
+                acc_sum += asum
+                if nonfinite > 0:  # NaN gradients on every rank: the update is skipped by all
+                    bad = True
+                    loss = loss * float("nan")
+                engine.backward(loss)
+                if zero == 0 and i == mb - 1:  # plain DP: gradients are all-reduced now
+                    params = [p for p in module.parameters() if p.grad is not None]
+                    gnorm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+                    if not math.isfinite(gnorm):
+                        applied = False
+                        for p in params:
+                            p.grad = None
+                engine.step()
+                iters_seen.append(out.stats.sample_iters.detach().cpu())
+            if zero > 0:
+                applied = engine.was_step_applied()
+                norm = engine.get_global_grad_norm()
+                gnorm = float(norm) if norm is not None else float("nan")
+            finite = applied and not bad and math.isfinite(gnorm)
+            n = mb * ctx.dp_size
+            step_loss = loss_sum / n if not bad else float("nan")
+            if finite:
+                counters["nan_streak"] = 0
+            else:
+                counters["nan_streak"] += 1
+                counters["nan_skipped"] += 1
+                log.say(f"step {step + 1}: non-finite loss or gradient, update skipped")
+                if counters["nan_streak"] >= cfg.train.max_nan_steps:
+                    log.close()
+                    raise FloatingPointError(
+                        f"{counters['nan_streak']} non-finite steps in a row "
+                        f"(train.max_nan_steps={cfg.train.max_nan_steps}); last checkpoint: "
+                        f"{latest_checkpoint(ckpt_root)}"
+                    )
+            counters["step"] += 1
+            counters["tokens"] += y.numel() * ctx.dp_size
+            log.advance(counters["step"])
+            st = out.stats
+            if cfg.model.implicit and st.converged_frac < 1.0:
+                counters["unconverged"] += 1
+            window.append(
+                {
+                    "loss": step_loss,
+                    "acc": acc_sum / n,
+                    "grad_norm": gnorm if finite else float("nan"),
+                    **st.summary(),
+                }
+            )
+            last = counters["step"] == cfg.train.max_steps
+            if counters["step"] % cfg.train.log_interval == 0 or last:
+                elapsed = time.perf_counter() - t0
+                rec = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                rec["iters_max"] = max(w["iters_max"] for w in window)
+                rec["residual_max"] = max(w["residual_max"] for w in window)
+                rec.update(
+                    step=counters["step"],
+                    tokens=counters["tokens"],
+                    lr=lr,
+                    tokens_per_s=(counters["tokens"] - tokens_at_start) / elapsed,
+                    mem_gb=memory_gb(device),
+                    phase=phase.index,
+                    unconverged_steps=counters["unconverged"],
+                    nan_skipped=counters["nan_skipped"],
+                    world_size=ctx.world_size,
+                )
+                window = []
+                if rank0:
+                    if cfg.train.eval_interval and counters["step"] % cfg.train.eval_interval == 0:
+                        ev = validate(module, cfg, data, device)
+                        rec.update({f"val_{k}": v for k, v in ev.items() if k != "length"})
+                    log.record(rec, torch.cat(iters_seen))
+                    log.say(_format_record(rec, phase.name))
+                result.history.append(rec)
+                iters_seen = []
+            if cfg.train.save_interval and counters["step"] % cfg.train.save_interval == 0:
+                save()
+            if stop_any and not last:
+                path = save()
+                preempted = signal.Signals(stop.signum).name if stop.signum else "peer signal"
+                log.say(f"ilm-train: {preempted} received, saved {path}; exiting")
+                break
+    log.close()
+    if preempted:
+        result.final = {"preempted": preempted, "step": counters["step"]}
+        return result
+    evals: list[dict[str, float]] = []
+    if rank0:
+        if cfg.data.task == "word_problem":
+            lengths = [cfg.data.seq_len] + (
+                [cfg.data.eval_seq_len] if cfg.data.eval_seq_len else []
+            )
+            evals = [
+                evaluate(module, cfg, n, cfg.train.eval_batches, cfg.train.seed + 2, device)
+                for n in lengths
+            ]
+        elif cfg.data.val_fraction:
+            evals = [validate(module, cfg, data, device)]
+        for ev in evals:
+            log.say(
+                f"eval length {ev['length']}: acc {ev['acc_all']:.3f}, loss {ev['loss']:.4f}, "
+                f"solver iters {ev['iters_mean']:.1f}/{ev['iters_max']:.0f}"
+            )
+    save()
+    result.final = {"eval": evals, "train": result.history[-1] if result.history else {}}
+    if rank0:
+        save_model(module, cfg, run_dir / "model.safetensors")
+        (run_dir / "final.json").write_text(json.dumps(result.final, indent=2))
+        log.say(f"saved {run_dir / 'model.safetensors'} (+ config.yaml, metrics.jsonl, final.json)")
+    ctx.barrier()
+    return result

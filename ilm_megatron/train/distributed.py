@@ -1,0 +1,217 @@
+"""Process groups for data-parallel training with DeepSpeed ZeRO (TP = PP = 1 for now).
+
+``torchrun`` and the ``deepspeed`` launcher describe a worker through environment variables
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). :func:`setup` reads
+them, initialises ``torch.distributed`` through DeepSpeed (gloo on CPU, NCCL on GPU) and Megatron's
+``parallel_state`` with tensor and pipeline size 1, and returns a :class:`DistContext`.
+
+A plain single process (no launcher variables, ``parallel.zero_stage=0``) never reaches this
+module's initialisation: :func:`wants_deepspeed` is False and the trainer runs as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ilm_megatron.config import Config
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` set by a launcher, 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def wants_deepspeed(cfg: Config) -> bool:
+    """True when the run needs the DeepSpeed engine: ZeRO 1/2 asked for, or several processes."""
+    return cfg.parallel.zero_stage in (1, 2) or env_world_size() > 1
+
+
+def check_parallel(cfg: Config) -> None:
+    """Refuse the parallel settings this trainer does not implement yet (TP, PP)."""
+    par = cfg.parallel
+    if par.tp > 1 or par.pp > 1:
+        raise NotImplementedError(
+            f"parallel.tp={par.tp}, parallel.pp={par.pp}: tensor and pipeline parallelism are not "
+            "implemented in ilm-train yet; use data parallelism (torchrun/deepspeed launchers) "
+            "with parallel.zero_stage=1 or 2 and parallel.tp=1 parallel.pp=1"
+        )
+    if par.microbatches > 1 and not wants_deepspeed(cfg):
+        raise NotImplementedError(
+            f"parallel.microbatches={par.microbatches} needs the DeepSpeed engine: set "
+            "parallel.zero_stage=1 or 2, or launch several processes"
+        )
+
+
+class MegatronMPU:
+    """The ``mpu`` object DeepSpeed asks for, answered by Megatron's ``parallel_state``.
+
+    DeepSpeed calls ``get_model_parallel_*`` and ``get_data_parallel_*``; Megatron names the
+    former ``get_tensor_model_parallel_*``.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state
+
+        self.ps = parallel_state
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_group(self) -> Any:
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_group(self) -> Any:
+        return self.ps.get_data_parallel_group()
+
+
+@dataclass
+class DistContext:
+    """Where this process sits: global rank, data-parallel rank/size, device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+    mpu: MegatronMPU
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum a few floats over all ranks (one collective)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().tolist()
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _attempt_store() -> dist.Store:
+    """The launcher's key-value store, under a prefix unique to this restart attempt.
+
+    After ``torchrun --max-restarts`` restarts the workers, the agent's store still holds the
+    dead attempt's keys; Gloo (for the groups Megatron creates) would read the old peers'
+    addresses from them and fail to connect. A per-attempt prefix keeps attempts apart.
+    """
+    from datetime import timedelta
+
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=not agent and int(os.environ["RANK"]) == 0,
+        timeout=timedelta(minutes=30),
+        wait_for_workers=False,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"ilm_megatron/attempt_{attempt}/", store)
+
+
+def setup(cfg: Config) -> DistContext:
+    """Initialise torch.distributed (via DeepSpeed) and Megatron's parallel state.
+
+    Without launcher variables (a single process asking for ZeRO), a one-process group on
+    localhost is created. Idempotent: a second call reuses the existing groups.
+    """
+    import deepspeed
+    from megatron.core import parallel_state
+
+    check_parallel(cfg)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if "RANK" not in os.environ:  # a plain process: a group of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.train.device
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but CUDA is not available on this machine")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            store=_attempt_store(),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    mpu = MegatronMPU()
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        dp_rank=mpu.get_data_parallel_rank(),
+        dp_size=mpu.get_data_parallel_world_size(),
+        device=device,
+        mpu=mpu,
+    )
+
+
+def teardown() -> None:
+    """Destroy Megatron's groups and the default process group (end of a run)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def deepspeed_config(cfg: Config, ctx: DistContext) -> dict[str, Any]:
+    """DeepSpeed config: ZeRO stage, batch split, clipping; bf16 (fp32 master weights) on GPU."""
+    par, t = cfg.parallel, cfg.train
+    per_rank = t.batch_size // ctx.dp_size
+    if t.batch_size % ctx.dp_size or per_rank % par.microbatches:
+        raise ValueError(
+            f"train.batch_size={t.batch_size} must be divisible by data-parallel size "
+            f"{ctx.dp_size} x parallel.microbatches={par.microbatches}"
+        )
+    return {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": per_rank // par.microbatches,
+        "gradient_accumulation_steps": par.microbatches,
+        "zero_optimization": {"stage": par.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": float(t.clip_grad or 0.0),
+        "bf16": {"enabled": ctx.device.type == "cuda"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }

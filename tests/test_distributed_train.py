@@ -1,0 +1,207 @@
+"""Data-parallel training with DeepSpeed ZeRO under ``torchrun --nproc-per-node 2`` on CPU.
+
+Each test starts real worker processes (gloo). The solver tolerance is tiny so that every solve
+runs exactly its iteration cap: the stopping rule looks at the batch maximum of the residual,
+which differs between one rank's half batch and the whole batch, and would otherwise make the
+iteration counts (and so the losses) of DP=2 and DP=1 differ legitimately.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ilm_megatron.config import load_config
+from ilm_megatron.train import checkpoint as ckpt
+from ilm_megatron.train.loop import train
+
+pytestmark = pytest.mark.slow
+
+BASE = [
+    "train.batch_size=16",
+    "data.seq_len=8",
+    "data.eval_seq_len=0",
+    "solver.f_max_iter=6",
+    "solver.f_tol=1e-12",
+    "train.log_interval=1",
+    "train.eval_batches=1",
+    "train.tensorboard=false",
+    "train.device=cpu",
+]
+REL_TOL = 1e-5  # DP=2 vs DP=1 losses (fp32; only the reduction order differs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("ILM_TEST_CRASH_AT_STEP", None)
+    env.pop("ILM_TEST_NAN_AT_STEPS", None)
+    env.update(extra)
+    return env
+
+
+def torchrun_cmd(run_dir: Path, *overrides: str, max_restarts: int = 0) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        "--max-restarts", str(max_restarts),
+        "-m", "ilm_megatron.train.cli", "--quiet", *BASE, f"run_dir={run_dir}", *overrides,
+    ]  # fmt: skip
+
+
+def torchrun(run_dir: Path, *overrides: str, max_restarts: int = 0, **env: str) -> str:
+    proc = subprocess.run(
+        torchrun_cmd(run_dir, *overrides, max_restarts=max_restarts),
+        env=worker_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir)}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_state(path)
+
+
+@pytest.fixture(scope="module")
+def dp1_reference(tmp_path_factory) -> Path:
+    """The same run in one process without DeepSpeed (global batch 16)."""
+    run = tmp_path_factory.mktemp("dp1")
+    cfg = load_config([], [*BASE, f"run_dir={run}", "train.max_steps=8"])
+    train(cfg, run, quiet=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def dp2_zero2(tmp_path_factory) -> Path:
+    """Uninterrupted DP=2 ZeRO-2 run of 8 steps."""
+    run = tmp_path_factory.mktemp("dp2z2")
+    torchrun(run, "train.max_steps=8", "parallel.zero_stage=2")
+    return run
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_dp2_zero_matches_dp1(zero, dp1_reference, dp2_zero2, tmp_path):
+    if zero == 2:
+        run = dp2_zero2
+    else:
+        run = tmp_path / "run"
+        torchrun(run, "train.max_steps=8", f"parallel.zero_stage={zero}")
+    ref, got = losses(dp1_reference), losses(run)
+    assert sorted(got) == list(range(1, 9))
+    for step, value in ref.items():
+        assert got[step] == pytest.approx(value, rel=REL_TOL), (step, got[step], value)
+    assert all(r["world_size"] == 2 for r in records(run))
+    a, b = weights(dp1_reference / "model.safetensors"), weights(run / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    step8 = run / "checkpoints" / "step-00000008"
+    for name in ("model.safetensors", "trainer.pt", "trainer-rank00000.pt",
+                 "trainer-rank00001.pt", "mp_rank_00_model_states.pt"):  # fmt: skip
+        assert (step8 / name).is_file(), name
+    assert len(list(step8.glob("*optim_states.pt"))) == 2  # one ZeRO shard per rank
+    assert not list((run / "checkpoints").glob(".*tmp"))
+
+
+def test_rank_killed_then_torchrun_restart_resumes_exactly(dp2_zero2, tmp_path):
+    """Rank 1 dies before step 6; ``--max-restarts 1`` restarts both from the step-4 checkpoint."""
+    run = tmp_path / "run"
+    torchrun(
+        run,
+        "train.max_steps=8",
+        "parallel.zero_stage=2",
+        "train.save_interval=4",
+        max_restarts=1,
+        ILM_TEST_CRASH_AT_STEP="5",
+    )
+    assert (run / ".ilm_test_crashed").is_file()  # the first attempt did die
+    state = torch.load(run / "checkpoints" / "step-00000008" / "trainer.pt", weights_only=True)
+    assert state["counters"]["step"] == 8
+    assert losses(run) == losses(dp2_zero2)  # bitwise: floats compared exactly
+    assert [r["step"] for r in records(run)] == list(range(1, 9))  # records after 4 rewritten
+    a, b = weights(dp2_zero2 / "model.safetensors"), weights(run / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_on_one_rank_saves_on_all_and_resumes_exactly(tmp_path):
+    steps = "train.max_steps=60"
+    full = tmp_path / "full"
+    torchrun(full, steps, "parallel.zero_stage=1")
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        torchrun_cmd(run, steps, "parallel.zero_stage=1"),
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 180
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and (not metrics.exists() or len(records(run)) < 2):
+        time.sleep(0.05)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) == 2, children
+    os.kill(int(children[-1]), signal.SIGTERM)  # one worker only
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-6000:]
+    latest = ckpt.latest_checkpoint(run / "checkpoints")
+    stopped = torch.load(latest / "trainer.pt", weights_only=True)["counters"]["step"]
+    assert 2 <= stopped < 60
+    for r in (0, 1):
+        state = torch.load(latest / f"trainer-rank{r:05d}.pt", weights_only=True)
+        assert state["counters"]["step"] == stopped  # both ranks stopped at the same step
+    assert max(losses(run)) == stopped
+    torchrun(run, steps, "parallel.zero_stage=1")
+    assert losses(run) == losses(full)
+
+
+def test_nan_on_one_rank_is_skipped_on_all(tmp_path):
+    run = tmp_path / "run"
+    torchrun(run, "train.max_steps=5", "parallel.zero_stage=1", ILM_TEST_NAN_AT_STEPS="2,3")
+    recs = records(run)
+    assert recs[-1]["nan_skipped"] == 2
+    assert [r["nan_skipped"] for r in recs] == [0, 1, 2, 2, 2]
+    assert recs[1]["loss"] != recs[1]["loss"]  # NaN logged for the skipped step
+    state = torch.load(run / "checkpoints" / "step-00000005" / "trainer.pt", weights_only=True)
+    assert state["counters"]["nan_streak"] == 0
+
+
+def test_single_process_zero_stage_and_refusals(tmp_path):
+    """ZeRO-1 in one process (a group of one) and the clear refusal of TP/PP."""
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ilm_megatron.train.cli", "--quiet", *BASE, f"run_dir={run}",
+         "train.max_steps=3", "parallel.zero_stage=1", "parallel.microbatches=2"],
+        env=worker_env(), capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert [r["step"] for r in records(run)] == [1, 2, 3]
+    with pytest.raises(NotImplementedError, match="tensor and pipeline parallelism"):
+        train(load_config([], [*BASE, "parallel.pp=2"]), tmp_path / "pp", quiet=True)
+    shutil.rmtree(tmp_path / "pp", ignore_errors=True)
