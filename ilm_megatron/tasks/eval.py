@@ -1,0 +1,213 @@
+"""``ilm-eval``: evaluate trained checkpoints on downstream tasks.
+
+    ilm-eval state-tracking --checkpoint RUN_DIR_OR_FILE --lengths 32,64,128,256
+                            [--batches N] [--mode simultaneous|sequential] [--json]
+
+Each task is a subcommand registered in :data:`SUBCOMMANDS` (``name -> (add_arguments, run)``), so
+another task (e.g. ``catbabi``) is added by appending one entry. ``main`` returns the exit code:
+0 success, 2 usage or input error (missing checkpoint, bad lengths, wrong group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+PROG = "ilm-eval"
+
+
+class EvalError(Exception):
+    """A user-facing error: printed as ``ilm-eval: error: ...`` with exit code 2."""
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``"32,64,128"`` -> ``[32, 64, 128]``; every length must be a positive integer."""
+    try:
+        lengths = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--lengths expects comma-separated integers, got {text!r}"
+        ) from None
+    if not lengths or any(n <= 0 for n in lengths):
+        raise argparse.ArgumentTypeError(f"--lengths expects positive integers, got {text!r}")
+    return lengths
+
+
+# --------------------------------------------------------------------------- state-tracking
+
+
+def _add_state_tracking(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory written by ilm-train, or its model.safetensors",
+    )
+    p.add_argument("--lengths", type=parse_lengths, default=[32, 64, 128, 256])
+    p.add_argument("--batches", type=int, default=4, help="batches per length (default 4)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mode", choices=("simultaneous", "sequential"), default="simultaneous")
+    p.add_argument(
+        "--group",
+        default=None,
+        help="word problem (S3, S5, A5, A5xR3, ...); default: data.group of the run's config.yaml",
+    )
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--easy-frac", type=float, default=0.0)
+    p.add_argument(
+        "--cap-mult",
+        type=float,
+        default=2.5,
+        help="simultaneous solver cap = max(configured eval cap, ceil(CAP_MULT * length))",
+    )
+    p.add_argument("--max-iter", type=int, default=0, help="fixed solver cap (overrides the rule)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _run_state_tracking(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from ilm_megatron.tasks.state_tracking import (
+        EvalSpec,
+        evaluate_lengths,
+        resolve_checkpoint,
+        run_config_group,
+    )
+    from ilm_megatron.train.checkpoint import load_model
+
+    if args.batches <= 0 or args.batch_size <= 0:
+        raise EvalError("--batches and --batch-size must be positive")
+    try:
+        path, run_dir = resolve_checkpoint(args.checkpoint)
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+    group, train_len = run_config_group(run_dir)
+    group = args.group or group
+    if group is None:
+        raise EvalError(
+            f"no word problem known for {args.checkpoint}: no config.yaml of a word-problem run "
+            "next to it; pass --group (e.g. --group S5)"
+        )
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--device cuda but CUDA is not available")
+    try:
+        model = load_model(path).to(device)
+    except (ValueError, OSError) as e:
+        raise EvalError(f"cannot load {path}: {e}") from None
+    spec = EvalSpec(
+        group=group,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        easy_frac=args.easy_frac,
+        mode=args.mode,
+        cap_mult=args.cap_mult,
+        max_iter=args.max_iter,
+    )
+    try:
+        rows = evaluate_lengths(model, spec, args.lengths)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    return {
+        "task": "state-tracking",
+        "checkpoint": str(path),
+        "group": group,
+        "train_length": train_len,
+        "model": {
+            "arch": model.config.arch,
+            "implicit": model.config.implicit,
+            "n_layers": model.config.n_layers,
+            "d_model": model.config.d_model,
+        },
+        "mode": args.mode,
+        "samples_per_length": args.batches * args.batch_size,
+        "rows": rows,
+    }
+
+
+def format_table(rows: Sequence[dict[str, Any]], extra: Sequence[str] = ()) -> str:
+    """A fixed-width text table of evaluation rows (``extra`` columns first, e.g. ``model``)."""
+    cols = [*extra, "length", "acc_last10", "acc_all", "iters_mean", "iters_max"]
+    lines = ["  ".join(f"{c:>10}" for c in cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            if isinstance(v, float) and c.startswith("acc"):
+                cells.append(f"{v:>10.3f}")
+            elif isinstance(v, float):
+                cells.append(f"{v:>10.1f}")
+            else:
+                cells.append(f"{v!s:>10}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def _print_state_tracking(result: dict[str, Any]) -> None:
+    m = result["model"]
+    kind = "implicit" if m["implicit"] else "explicit"
+    print(
+        f"{result['group']} word problem, {kind} {m['arch']} ({m['n_layers']} layer(s), "
+        f"d_model {m['d_model']}), trained at length {result['train_length']}, "
+        f"{result['mode']} mode, {result['samples_per_length']} samples per length"
+    )
+    print(format_table(result["rows"]))
+
+
+Subcommand = tuple[
+    str,
+    Callable[[argparse.ArgumentParser], None],
+    Callable[[argparse.Namespace], dict[str, Any]],
+    Callable[[dict[str, Any]], None],
+]
+
+#: ``(help, add_arguments, run, print_human)`` per subcommand; ``run`` returns a JSON-able dict.
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "state-tracking": (
+        "length generalisation on word problems (S_n, A_n, A5xR3)",
+        _add_state_tracking,
+        _run_state_tracking,
+        _print_state_tracking,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ilm-eval`` parser with one sub-parser per entry of :data:`SUBCOMMANDS`."""
+    p = argparse.ArgumentParser(prog=PROG, description="Evaluate a trained checkpoint on a task.")
+    sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    for name, (help_text, add, _, _) in SUBCOMMANDS.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ilm-eval``; returns the process exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0)
+    warnings.filterwarnings("ignore", module="megatron")
+    _, _, run, show = SUBCOMMANDS[args.task]
+    try:
+        result = run(args)
+    except EvalError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+    else:
+        show(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
