@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,11 @@ def free_port() -> int:
 
 
 def run_script(script: str, run_dir: Path, **env: str) -> None:
-    full = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), **env)
+    # the scripts run $PYTHON (default: python on PATH); use this interpreter and its packages
+    full = dict(
+        os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), PYTHON=sys.executable
+    )
+    full.update(env)
     proc = subprocess.run(
         ["bash", str(ROOT / "launchers" / script), *ARGS, f"run_dir={run_dir}"],
         env=full, cwd=ROOT, capture_output=True, text=True, timeout=150,
