@@ -222,6 +222,9 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: linear decay over this last fraction of the steps
+    peak_tflops: float = 0.0  # accelerator peak for MFU; 0: look it up from the device name
     warmup_steps: int = 20
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -255,6 +258,13 @@ class TrainConfig:
         )
         _check(0 <= self.bounded_fraction <= 1, s, "bounded_fraction", "must be in [0, 1]")
         _check(self.keep_last >= 1, s, "keep_last", f"must be >= 1, got {self.keep_last}")
+        _check(
+            self.lr_schedule in ("cosine", "wsd"),
+            s,
+            "lr_schedule",
+            f"must be 'cosine' or 'wsd', got {self.lr_schedule!r}",
+        )
+        _check(0 < self.decay_fraction <= 1, s, "decay_fraction", "must be in (0, 1]")
         _check(self.max_nan_steps >= 1, s, "max_nan_steps", "must be >= 1")
         for k in ("max_steps", "batch_size", "log_interval"):
             _check(getattr(self, k) > 0, s, k, f"must be > 0, got {getattr(self, k)}")

@@ -103,3 +103,31 @@ def test_quickstart_default_run_solves_s3_and_extrapolates(tmp_path):
     at16, at64 = res.final["eval"]
     assert at16["acc_all"] > 0.97, at16
     assert at64["length"] == 64 and at64["acc_last10"] > 0.9, at64
+
+
+def test_wsd_schedule_warmup_stable_decay():
+    cfg = load_config(
+        [], ["train.max_steps=100", "train.warmup_steps=10", "train.lr=1.0",
+             "train.lr_schedule=wsd", "train.decay_fraction=0.2", "train.min_lr_ratio=0.0"],
+    )  # fmt: skip
+    assert lr_at(5, cfg) == pytest.approx(0.6)
+    assert all(lr_at(s, cfg) == 1.0 for s in range(10, 80))
+    assert lr_at(89, cfg) == pytest.approx(0.5)
+    assert lr_at(99, cfg) == pytest.approx(0.0)
+
+
+def test_model_flops_are_logged(tmp_path):
+    from ilm_megatron.models.lm import build_model
+    from ilm_megatron.train.metrics import flops_per_token
+
+    cfg = load_config(
+        [],
+        ["train.max_steps=2", "train.log_interval=1", "data.eval_seq_len=0",
+         "data.seq_len=8", "solver.f_max_iter=4", "train.tensorboard=false"],
+    )  # fmt: skip
+    res = train(cfg, tmp_path, quiet=True)
+    assert all(r["model_tflops"] > 0 for r in res.history)
+    assert "mfu" not in res.history[0]  # no known peak on a CPU
+    per = flops_per_token(build_model(cfg.model, cfg.solver), cfg)
+    # an implicit step with i iterations costs (i + 3k)/3 explicit steps
+    assert per(4) / per(0) == pytest.approx((4 + 3 * 4) / (3 * 4))

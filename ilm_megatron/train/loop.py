@@ -35,7 +35,7 @@ from ilm_megatron.train.checkpoint import (
 from ilm_megatron.train.curriculum import apply_phase, phase_at
 from ilm_megatron.train.data import build_train_data
 from ilm_megatron.train.distributed import check_parallel, wants_deepspeed
-from ilm_megatron.train.metrics import MetricsLogger, memory_gb
+from ilm_megatron.train.metrics import MetricsLogger, flops_per_token, memory_gb, peak_tflops
 
 
 @dataclass
@@ -54,10 +54,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` or, with ``lr_schedule=wsd``,
+    warmup-stable-decay: constant, then linear decay over the last ``decay_fraction`` of steps."""
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "wsd":
+        decay_steps = max(1, round(t.decay_fraction * t.max_steps))
+        start = t.max_steps - decay_steps
+        if step < start:
+            return t.lr
+        frac = min(1.0, (step - start + 1) / decay_steps)
+        return t.lr * (1 - (1 - t.min_lr_ratio) * frac)
     span = max(1, t.max_steps - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
@@ -205,6 +213,7 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
     data = build_train_data(cfg)
     counters = {"step": 0, "tokens": 0, "nan_streak": 0, "nan_skipped": 0, "unconverged": 0}
     log = MetricsLogger(run_dir, quiet, cfg.train.tensorboard, config_text, cfg.train.max_steps)
+    log.set_flops(flops_per_token(model, cfg), peak_tflops(device, cfg.train.peak_tflops))
     latest = latest_checkpoint(ckpt_root) if cfg.train.resume else None
     if latest is not None:
         state = load_training_checkpoint(latest, model)
@@ -361,6 +370,7 @@ def _format_record(rec: dict[str, Any], phase: str) -> str:
         f"/{rec['iters_max']:.0f} ({phase}) | res {rec['residual_mean']:.2e}"
         f"/{rec['residual_max']:.2e} | conv {rec['converged_frac']:.2f} | "
         f"{rec['tokens_per_s']:.0f} tok/s"
+        + (f" | mfu {100 * rec['mfu']:.1f}%" if "mfu" in rec else "")
         + (f" | val acc {rec['val_acc_all']:.3f}" if "val_acc_all" in rec else "")
     )
 
@@ -522,6 +532,7 @@ def _train_deepspeed(cfg: Config, run_dir: Path, quiet: bool) -> TrainResult:
         config_text,
         cfg.train.max_steps,
     )
+    log.set_flops(flops_per_token(module, cfg), peak_tflops(device, cfg.train.peak_tflops))
     metrics_path = run_dir / "metrics.jsonl"
     latest = latest_checkpoint(ckpt_root) if cfg.train.resume else None
     if latest is not None:
