@@ -274,7 +274,8 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "word_problem"  # "word_problem" (synthetic, aligned targets) | "shards" (text)
+    # "word_problem" (synthetic, aligned targets) | "shards" (text) | "catbabi" (QA stream)
+    task: str = "word_problem"
     group: str = "S3"  # word problem group
     seq_len: int = 16
     eval_seq_len: int = 64  # word problem: also evaluate at this length after training (0: off)
@@ -284,15 +285,17 @@ class DataConfig:
     val_fraction: float = 0.0  # hold out the last fraction of samples for validation
     num_workers: int = 0  # DataLoader worker processes
     tokenizer_fingerprint: str = ""  # if set, must equal the manifest's tokenizer fingerprint
+    catbabi_mode: str = "qa"  # catbabi: "qa" (answers only are targets) | "lm" (every token)
 
     def __post_init__(self) -> None:
         s = "data"
         _check(
-            self.task in ("word_problem", "shards"),
+            self.task in ("word_problem", "shards", "catbabi"),
             s,
             "task",
-            f"must be 'word_problem' or 'shards', got {self.task!r}",
+            f"must be 'word_problem', 'shards' or 'catbabi', got {self.task!r}",
         )
+        _check(self.catbabi_mode in ("qa", "lm"), s, "catbabi_mode", "must be 'qa' or 'lm'")
         _check(self.seq_len > 0, s, "seq_len", f"must be > 0, got {self.seq_len}")
         _check(0 <= self.easy_frac < 1, s, "easy_frac", f"must be in [0, 1), got {self.easy_frac}")
         _check(0 <= self.val_fraction < 1, s, "val_fraction", "must be in [0, 1)")

@@ -211,3 +211,75 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _add_catbabi(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run dir or model.safetensors")
+    p.add_argument("--data", required=True, help="folder written by tools/make_catbabi.py")
+    p.add_argument("--split", default="test", choices=("valid", "test"))
+    p.add_argument("--seq-len", type=int, default=200, help="window length (200)")
+    p.add_argument("--batch-size", type=int, default=1, help="stream rows (test: 1, file order)")
+    p.add_argument("--max-windows", type=int, default=0, help="stop after N windows (0: all)")
+    p.add_argument("--json", action="store_true")
+
+
+def _run_catbabi(args: argparse.Namespace) -> dict[str, Any]:
+    """QA accuracy (answers after ``?``) per task and per story length, with solver iterations.
+
+    Each window is solved on its own (simultaneous mode, no state carried across windows).
+    """
+    import torch
+
+    from ilm_megatron.tasks.catbabi import AccuracyMeter, iter_batches, load_stream
+    from ilm_megatron.tasks.state_tracking import resolve_checkpoint
+    from ilm_megatron.train.checkpoint import load_model
+
+    try:
+        path, _ = resolve_checkpoint(args.checkpoint)
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+    try:
+        stream = load_stream(args.data, args.split, args.batch_size, args.seq_len)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{args.data}: {e}") from None
+    model = load_model(path).eval()
+    meter = AccuracyMeter()
+    iters = []
+    with torch.no_grad():
+        for i, batch in enumerate(iter_batches(stream)):
+            if args.max_windows and i >= args.max_windows:
+                break
+            out = model(batch.x)
+            meter.update_batch(out.logits[..., : model.config.vocab_size], batch)
+            iters.append(out.stats.sample_iters.float().flatten())
+    it = torch.cat(iters) if iters else torch.zeros(1)
+    res = meter.result()
+    return {
+        "task": "catbabi",
+        "checkpoint": str(path),
+        "split": args.split,
+        "accuracy": res["accuracy"],
+        "per_task": res["per_task"],
+        "per_length": res["per_length"],
+        "answers": res["count"],
+        "iters_mean": it.mean().item(),
+        "iters_max": it.max().item(),
+    }
+
+
+def _print_catbabi(result: dict[str, Any]) -> None:
+    print(f"CatbAbI {result['split']}: accuracy {result['accuracy']:.3f} over "
+          f"{result['answers']} answers, solver iterations {result['iters_mean']:.1f}"
+          f"/{result['iters_max']:.0f}")  # fmt: skip
+    for task, acc in sorted(result["per_task"].items(), key=lambda kv: int(kv[0])):
+        print(f"  task {int(task):2d}: {acc:.3f}")
+    for bucket, acc in result["per_length"].items():
+        print(f"  stories {bucket:>6s}: {acc:.3f}")
+
+
+SUBCOMMANDS["catbabi"] = (
+    "CatbAbI QA accuracy per task and per story length",
+    _add_catbabi,
+    _run_catbabi,
+    _print_catbabi,
+)

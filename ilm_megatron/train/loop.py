@@ -33,7 +33,7 @@ from ilm_megatron.train.checkpoint import (
     save_training_checkpoint,
 )
 from ilm_megatron.train.curriculum import apply_phase, phase_at
-from ilm_megatron.train.data import build_train_data
+from ilm_megatron.train.data import IGNORE, build_train_data
 from ilm_megatron.train.distributed import check_parallel, wants_deepspeed
 from ilm_megatron.train.metrics import MetricsLogger, flops_per_token, memory_gb, peak_tflops
 
@@ -119,6 +119,13 @@ def evaluate(
     }
 
 
+def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> float:
+    """Argmax accuracy over the targets that count (``-100`` targets are ignored)."""
+    keep = targets != IGNORE
+    hits = (logits[..., :vocab].argmax(-1) == targets) & keep
+    return hits.sum().item() / max(1, keep.sum().item())
+
+
 @torch.no_grad()
 def evaluate_batches(
     model: ImplicitLM, batches: list[tuple[torch.Tensor, torch.Tensor]], vocab: int, device
@@ -131,9 +138,10 @@ def evaluate_batches(
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         out = model(x)
-        loss_sum += token_loss(out.logits, y, vocab).item() * y.numel()
-        correct += (out.logits[..., :vocab].argmax(-1) == y).sum().item()
-        total += y.numel()
+        n = (y != IGNORE).sum().item()  # targets that count (all but ignored positions)
+        loss_sum += token_loss(out.logits, y, vocab).item() * n
+        correct += ((out.logits[..., :vocab].argmax(-1) == y) & (y != IGNORE)).sum().item()
+        total += n
         iters.append(out.stats.sample_iters.float().flatten())
         res.append(out.stats.residual.float().flatten())
     model.train(was_training)
@@ -158,7 +166,9 @@ def validate(model: ImplicitLM, cfg: Config, data: Any, device: torch.device) ->
         )
     batches = data.val_batches(cfg.train.batch_size, cfg.train.eval_batches)
     if not batches:
-        raise ValueError("validation on shards needs data.val_fraction > 0")
+        raise ValueError(
+            f"validation on {cfg.data.task} needs a validation split (data.val_fraction)"
+        )
     return evaluate_batches(model, batches, cfg.model.vocab_size, device)
 
 
@@ -296,7 +306,7 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
             if cfg.model.implicit and st.converged_frac < 1.0:
                 counters["unconverged"] += 1  # solver hit its cap before the tolerance
             iters_seen.append(st.sample_iters.detach().cpu())
-            acc = (out.logits[..., :vocab].argmax(-1) == y).float().mean().item()
+            acc = token_accuracy(out.logits, y, vocab)
             window.append(
                 {
                     "loss": loss.item(),
@@ -347,7 +357,8 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
             for n in lengths
         ]
     else:
-        evals = [validate(model, cfg, data, device)] if cfg.data.val_fraction else []
+        has_val = cfg.data.val_fraction > 0 or cfg.data.task == "catbabi"
+        evals = [validate(model, cfg, data, device)] if has_val else []
     for ev in evals:
         log.say(
             f"eval length {ev['length']}: acc {ev['acc_all']:.3f}"
@@ -589,7 +600,7 @@ def _train_deepspeed(cfg: Config, run_dir: Path, quiet: bool) -> TrainResult:
                 out = engine(xc)
                 loss = _test_hooks(step, ctx.rank, ctx.world_size, run_dir,
                                    token_loss(out.logits, yc, vocab))  # fmt: skip
-                acc = (out.logits[..., :vocab].argmax(-1) == yc).float().mean().item()
+                acc = token_accuracy(out.logits, yc, vocab)
                 ok = bool(torch.isfinite(loss))
                 nonfinite, stops, lsum, asum = ctx.all_reduce_sum(
                     [0.0 if ok else 1.0, float(stop.signum is not None),
@@ -692,7 +703,7 @@ def _train_deepspeed(cfg: Config, run_dir: Path, quiet: bool) -> TrainResult:
                 evaluate(module, cfg, n, cfg.train.eval_batches, cfg.train.seed + 2, device)
                 for n in lengths
             ]
-        elif cfg.data.val_fraction:
+        elif cfg.data.val_fraction or cfg.data.task == "catbabi":
             evals = [validate(module, cfg, data, device)]
         for ev in evals:
             log.say(
