@@ -219,7 +219,8 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 300
-    batch_size: int = 64
+    batch_size: int = 64  # sequences per global batch (all data-parallel ranks together)
+    global_batch_tokens: int = 0  # if set: the global batch in tokens (batch_size derived)
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     lr_schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay)
@@ -404,8 +405,17 @@ def load_config(
 
 
 def _validate_cross(cfg: Config) -> None:
-    """Checks that involve several sections."""
+    """Checks that involve several sections (and settings derived from several)."""
     _validate_tensor_parallel(cfg)
+    tokens = cfg.train.global_batch_tokens
+    if tokens:
+        _check(
+            tokens % cfg.data.seq_len == 0,
+            "train",
+            "global_batch_tokens",
+            f"{tokens} is not a multiple of data.seq_len={cfg.data.seq_len}",
+        )
+        cfg.train.batch_size = tokens // cfg.data.seq_len  # sequences per global batch
     if cfg.data.task == "word_problem":
         from ilm_megatron.data.word_problem import group_order
 

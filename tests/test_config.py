@@ -122,3 +122,21 @@ def test_value_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config([p])
     assert str(p) in str(e.value) and "solver.f_tol" in str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "tasks").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_task_config_loads(path):
+    overlay = path.name.startswith("group_")  # overlays go on top of a state-tracking run
+    base = [CONFIGS / "tasks" / "state_tracking_implicit_mamba2.yaml"] if overlay else []
+    cfg = load_config([*base, path])
+    if path.name.startswith("catbabi_"):
+        assert cfg.data.task == "catbabi" and cfg.model.vocab_size == 178
+        assert cfg.model.implicit == ("implicit" in path.name)
+        assert cfg.model.arch == ("llama" if "llama" in path.name else "mamba2")
+
+
+def test_global_batch_in_tokens():
+    cfg = load_config([], ["train.global_batch_tokens=4096", "data.seq_len=16"])
+    assert cfg.train.batch_size == 256
+    with pytest.raises(ConfigError, match="global_batch_tokens: 4000 is not a multiple of"):
+        load_config([], ["train.global_batch_tokens=4000", "data.seq_len=48"])
