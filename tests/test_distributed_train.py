@@ -205,3 +205,49 @@ def test_single_process_zero_stage_and_refusals(tmp_path):
     with pytest.raises(NotImplementedError, match="tensor and pipeline parallelism"):
         train(load_config([], [*BASE, "parallel.pp=2"]), tmp_path / "pp", quiet=True)
     shutil.rmtree(tmp_path / "pp", ignore_errors=True)
+
+
+def single(run_dir: Path, *overrides: str) -> str:
+    """One process on the DeepSpeed engine (ZeRO-1: a data-parallel group of one)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ilm_megatron.train.cli", "--quiet", *BASE, f"run_dir={run_dir}",
+         "parallel.zero_stage=1", *overrides],
+        env=worker_env(), capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def truncate_to(run: Path, step: int) -> None:
+    """Keep only the ``step`` checkpoint, as if the job had died right after saving it."""
+    root = run / "checkpoints"
+    keep = f"step-{step:08d}"
+    for p in root.glob("step-*"):
+        if p.name != keep:
+            shutil.rmtree(p)
+    (root / "latest").write_text(keep + "\n")
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_resume_at_another_dp_size_via_universal_checkpoint(first, then, tmp_path):
+    """ZeRO-1 checkpoint of step 3 written by ``first`` ranks, resumed by ``then`` ranks."""
+    launch = {1: single, 2: lambda run, *o: torchrun(run, "parallel.zero_stage=1", *o)}
+    steps = ("train.max_steps=6", "train.save_interval=3")
+    full = tmp_path / "full"
+    launch[first](full, *steps)
+    run = tmp_path / "run"
+    launch[first](run, *steps)
+    truncate_to(run, 3)
+    launch[then](run, *steps)
+    step3 = run / "checkpoints" / "step-00000003"
+    assert (step3 / "universal" / "zero").is_dir()  # converted once, in the step folder
+    assert not list(step3.glob(".*tmp"))
+    ref, got = losses(full), losses(run)
+    assert sorted(got) == list(range(1, 7))
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(ref[step], rel=REL_TOL), (step, got[step], ref[step])
+    assert all(r["world_size"] == then for r in records(run) if r["step"] > 3)
+    a, b = weights(full / "model.safetensors"), weights(run / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

@@ -53,7 +53,8 @@ class MegatronMPU:
     """The ``mpu`` object DeepSpeed asks for, answered by Megatron's ``parallel_state``.
 
     DeepSpeed calls ``get_model_parallel_*`` and ``get_data_parallel_*``; Megatron names the
-    former ``get_tensor_model_parallel_*``.
+    former ``get_tensor_model_parallel_*``. The universal-checkpoint loader asks for the
+    Megatron names too.
     """
 
     def __init__(self) -> None:
@@ -68,6 +69,15 @@ class MegatronMPU:
         return self.ps.get_tensor_model_parallel_rank()
 
     def get_model_parallel_group(self) -> Any:
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_group(self) -> Any:
         return self.ps.get_tensor_model_parallel_group()
 
     def get_data_parallel_world_size(self) -> int:

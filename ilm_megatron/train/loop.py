@@ -459,31 +459,97 @@ def _ds_save(engine: Any, ctx: Any, ckpt_root: Path, cfg: Config, state: dict) -
     return final
 
 
-def _ds_load(engine: Any, ctx: Any, latest: Path) -> dict:
-    """Load a checkpoint written by :func:`_ds_save`; returns this rank's trainer state."""
-    from ilm_megatron.train.checkpoint import load_model
+def _ds_saved_world(latest: Path) -> int:
+    """How many ranks wrote the DeepSpeed checkpoint ``latest`` (its ``trainer-rank*.pt``)."""
+    return len(list(latest.glob("trainer-rank*.pt")))
 
+
+def _ds_prepare_resume(ctx: Any, cfg: Config, latest: Path, data: Any) -> Path | None:
+    """Check ``latest`` before the engine exists; convert it when the world size changed.
+
+    Same number of ranks: returns None (a plain DeepSpeed load). Another number (ZeRO-1/2 and
+    ``data.task=word_problem`` only): rank 0 converts the checkpoint's DeepSpeed state once into
+    DeepSpeed's universal format at ``latest/universal`` (written to ``.universal.tmp`` and
+    renamed, so a crash never leaves half a conversion), all ranks wait, and the folder is
+    returned: the engine is then built with ``checkpoint.load_universal`` and re-partitions the
+    optimizer state over the new ranks.
+    """
     if not (latest / "mp_rank_00_model_states.pt").is_file():
         raise ValueError(
             f"{latest} was written by the single-process trainer (no DeepSpeed state): resume it "
             "without ZeRO in one process, or start a new run directory"
         )
+    saved = _ds_saved_world(latest)
+    if saved == ctx.world_size:
+        return None
+    where = f"{latest} was written by {saved} process(es), now {ctx.world_size}"
+    if cfg.parallel.zero_stage not in (1, 2) or not list(latest.glob("*optim_states.pt")):
+        raise ValueError(
+            f"{where}: resuming at another data-parallel size needs ZeRO-1/2 on both sides "
+            "(parallel.zero_stage=1 or 2); resume with the same number of processes"
+        )
+    if cfg.data.task != "word_problem":
+        state = torch.load(latest / "trainer.pt", weights_only=True)
+        data.load_state_dict(state["data"])  # the shards loader refuses with its own message
+        raise ValueError(
+            f"{where}: only data.task=word_problem resumes at another data-parallel size "
+            f"(the {cfg.data.task} data position is per rank); resume with {saved} process(es)"
+        )
+    out = latest / "universal"
+    if ctx.is_rank0 and not out.is_dir():
+        import argparse
+        import contextlib
+        import io
+        import shutil
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = latest / ".universal.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(
+            input_folder=str(latest),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # the model declares no universal-checkpoint info
+        )
+        quiet = io.StringIO()
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            ds_to_universal.main(args)
+        os.replace(tmp, out)
+    ctx.barrier()
+    return out
+
+
+def _ds_load(engine: Any, ctx: Any, latest: Path, universal: Path | None) -> dict:
+    """Load a checkpoint written by :func:`_ds_save`; returns this rank's trainer state.
+
+    With ``universal`` (another world size, see :func:`_ds_prepare_resume`) the DeepSpeed
+    state comes from the converted folder and every rank takes rank 0's trainer state.
+    """
+    from ilm_megatron.train.checkpoint import load_model
+
     own = latest / f"trainer-rank{ctx.rank:05d}.pt"
-    if not own.is_file():
+    if universal is not None:
+        own = latest / "trainer.pt"
+    elif not own.is_file():
         raise ValueError(
             f"{latest} has no trainer state for rank {ctx.rank}: it was written with a different "
             f"number of processes than now ({ctx.world_size})"
         )
     load_model(latest / "model.safetensors", engine.module)  # architecture check
+    folder = universal if universal is not None else latest
     path, _ = engine.load_checkpoint(
-        str(latest.parent),
-        tag=latest.name,
+        str(folder.parent),
+        tag=folder.name,
         load_module_strict=True,
         load_optimizer_states=True,
         load_lr_scheduler_states=False,
     )
     if path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load {latest}")
+        raise FileNotFoundError(f"DeepSpeed could not load {folder}")
     return torch.load(own, weights_only=True)
 
 
@@ -528,13 +594,18 @@ def _train_deepspeed(cfg: Config, run_dir: Path, quiet: bool) -> TrainResult:
         betas=(cfg.train.beta1, cfg.train.beta2),
         weight_decay=cfg.train.weight_decay,
     )
+    data = build_train_data(cfg, ctx.dp_rank, ctx.dp_size)
+    latest = latest_checkpoint(ckpt_root) if cfg.train.resume else None
+    universal = _ds_prepare_resume(ctx, cfg, latest, data) if latest is not None else None
+    ds_config = D.deepspeed_config(cfg, ctx)
+    if universal is not None:
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, config=D.deepspeed_config(cfg, ctx), mpu=ctx.mpu
+        model=model, optimizer=opt, config=ds_config, mpu=ctx.mpu
     )
     module: ImplicitLM = engine.module
     zero = cfg.parallel.zero_stage
     mb = cfg.parallel.microbatches
-    data = build_train_data(cfg, ctx.dp_rank, ctx.dp_size)
     counters = {"step": 0, "tokens": 0, "nan_streak": 0, "nan_skipped": 0, "unconverged": 0}
     log = MetricsLogger(
         run_dir,
@@ -545,15 +616,15 @@ def _train_deepspeed(cfg: Config, run_dir: Path, quiet: bool) -> TrainResult:
     )
     log.set_flops(flops_per_token(module, cfg), peak_tflops(device, cfg.train.peak_tflops))
     metrics_path = run_dir / "metrics.jsonl"
-    latest = latest_checkpoint(ckpt_root) if cfg.train.resume else None
     if latest is not None:
-        state = _ds_load(engine, ctx, latest)
+        state = _ds_load(engine, ctx, latest, universal)
         torch.set_rng_state(state["rng_torch"])
         data.load_state_dict(state["data"])
         counters.update(state["counters"])
         if rank0:
             _truncate_metrics(metrics_path, counters["step"])
-        log.say(f"ilm-train: resumed from {latest} at step {counters['step']}")
+        how = f" (converted from {_ds_saved_world(latest)} ranks)" if universal else ""
+        log.say(f"ilm-train: resumed from {latest}{how} at step {counters['step']}")
     elif rank0 and (cfg.train.resume is False or not metrics_path.exists()):
         metrics_path.write_text("")
     ctx.barrier()
