@@ -9,11 +9,15 @@ concatenates each component over ranks, then packs the components again. Replica
 taken from the local model.
 
 The checkpoint format is the plain single-process state dict (``torch.save``), so a checkpoint
-saved at any TP size loads at any other.
+saved at any TP size loads at any other, and at any PP size (every rank loads the full state dict
+into its full model, then splits off its stage). Under TP x PP, :func:`save_checkpoint` with
+``stage=`` gathers the TP shards of each stage's tensors inside the stage, then the stages' parts on
+stage 0 (TP rank 0), which writes the file atomically (temporary file + rename).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +25,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ilm_megatron.parallel.state import tp_group, tp_rank, tp_world_size
+from ilm_megatron.parallel.state import (
+    _ps,
+    pp_group,
+    pp_rank,
+    pp_world_size,
+    tp_group,
+    tp_is_initialized,
+    tp_rank,
+    tp_world_size,
+)
 from ilm_megatron.parallel.tensor_parallel import get_tp_layout
 
 Layout = dict[str, tuple[int, tuple[int, ...]]]
@@ -114,13 +127,70 @@ def _model_tp(model: nn.Module) -> int:
     return 1
 
 
-def save_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Gather the full state dict and write it from TP rank 0 (collective)."""
-    sd = full_state_dict(model)
-    if tp_rank() == 0:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(sd, path)
-    if dist.is_initialized() and tp_world_size() > 1:
+def stage_state_names(model: nn.Module, stage: nn.Module) -> list[str]:
+    """State-dict names of ``model`` whose tensors belong to ``stage`` (a PipelineStage of it)."""
+    owned = {id(t) for t in stage.parameters()} | {id(t) for t in stage.buffers()}
+    return [k for k, v in model.state_dict(keep_vars=True).items() if id(v) in owned]
+
+
+def pipeline_full_state_dict(
+    model: nn.Module, stage: nn.Module | None = None
+) -> dict[str, torch.Tensor] | None:
+    """The single-process state dict of a TP x PP model, on stage 0's TP rank 0 (None elsewhere).
+
+    Each stage gathers its own tensors over its TP group (the rest of the full model a rank holds
+    is not its to report: other stages own it), then the stages' parts go to stage 0 over the
+    pipeline group as CPU tensors. Collective over the whole model-parallel group. Without a stage
+    (or with one stage) this is :func:`full_state_dict` on TP rank 0.
+    """
+    if stage is None or pp_world_size() == 1:
+        sd = full_state_dict(model)
+        return sd if tp_rank() == 0 else None
+    names = set(stage_state_names(model, stage))
+    local = gather_tensors(model, {k: v for k, v in model.state_dict().items() if k in names})
+    if tp_rank() != 0:
+        return None
+    part = {k: v.cpu() for k, v in local.items()}
+    parts: list[dict[str, torch.Tensor]] | None = (
+        [{} for _ in range(pp_world_size())] if pp_rank() == 0 else None
+    )
+    group = pp_group()
+    dist.gather_object(part, parts, dst=dist.get_global_rank(group, 0), group=group)
+    if parts is None:
+        return None
+    full: dict[str, torch.Tensor] = {}
+    for p in parts:  # stage order; a tied embedding is held by two stages (identical copies)
+        for k, v in p.items():
+            full.setdefault(k, v)
+    missing = [k for k in model.state_dict() if k not in full]
+    if missing:
+        raise RuntimeError(f"no stage holds {missing}")
+    return {k: full[k] for k in model.state_dict()}
+
+
+def _atomic_save(obj: object, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, stage: nn.Module | None = None) -> None:
+    """Gather the full state dict and write it atomically (collective).
+
+    Without ``stage`` (or with PP=1): gathered over the TP group, written by TP rank 0. With this
+    rank's pipeline ``stage``: see :func:`pipeline_full_state_dict`; written by stage 0's TP rank 0,
+    and every rank of the model-parallel group returns once the file is in place.
+    """
+    sd = pipeline_full_state_dict(model, stage)
+    if sd is not None:
+        _atomic_save(sd, path)
+    if not dist.is_initialized():
+        return
+    if stage is not None and pp_world_size() > 1 and tp_is_initialized():
+        dist.barrier(group=_ps().get_model_parallel_group())
+    elif tp_world_size() > 1:
         dist.barrier(group=tp_group())
 
 

@@ -23,6 +23,17 @@ messages (gloo on CPU, NCCL on GPU):
 
 All message orders are deterministic given the stop decisions, and every message carries a header,
 so stages other than 0 simply follow what arrives.
+
+**TP x PP**: with a tensor-parallel group inside each stage (``backend=tp`` model), every TP rank
+runs its own ring with the ranks of the same TP rank in the other stages (``pp_ranks``, Megatron's
+pipeline group; see :func:`ilm_megatron.parallel.state.pp_global_ranks`). The iterate ``z`` is
+replicated over the TP group (row-parallel outputs are all-reduced), the injection ``u`` is this TP
+rank's column shard, and the TP collectives of a stage run in the same order on all its TP ranks
+because they see the same messages.
+
+Every buffer the ring allocates lives on the stage's device (that of its parameters: CPU for gloo,
+the current CUDA device for NCCL); headers are int32 written through a byte view of the buffer, so
+they stay exact whatever the iterate's dtype.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ TAG_U, TAG_FWD, TAG_RET, TAG_BWD, TAG_BRET, TAG_UGRAD, TAG_EMB = 11, 12, 13, 14,
 # header kinds
 K_SOLVE, K_PHANTOM, K_STOP, K_PAD = 0, 1, 2, 3
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-HEADER = 4  # [kind, micro-batch, step, flag]
+HEADER = 4  # [kind, micro-batch, step, flag] as int32 (16 bytes at the start of each message)
 
 
 def stage_layer_range(n_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
@@ -107,6 +118,11 @@ class PipelineStage(nn.Module):
             return self.lm_head(z)
         return F.linear(z, self.embedding.weight)
 
+    @property
+    def device(self) -> torch.device:
+        """Device of this stage's parameters (where its ring buffers are allocated)."""
+        return next(self.parameters()).device
+
 
 def split_model_into_stages(model: nn.Module, pp_rank: int, pp_size: int) -> PipelineStage:
     """Stage ``pp_rank`` of ``pp_size`` of a full model (submodules are shared, not copied)."""
@@ -123,14 +139,17 @@ class PipelineStats:
     """What the schedule did on this rank.
 
     Attributes:
-        iters: per micro-batch solver evaluations (known on stage 0 and the last stage).
+        iters: per micro-batch solver evaluations (known on every stage).
         solver: per micro-batch :class:`SolverStats` (last stage only; empty elsewhere).
+        logits: with ``keep_logits=True``, per micro-batch detached training-mode logits
+            (b, l, padded_vocab) of the last phantom step (last stage only; empty elsewhere).
         compute_s / wait_s / total_s: per phase ("forward", "backward") seconds spent computing,
             blocked in receives, and in the whole phase on this rank.
     """
 
     iters: list[int] = field(default_factory=list)
     solver: list[SolverStats] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
     compute_s: dict[str, float] = field(default_factory=dict)
     wait_s: dict[str, float] = field(default_factory=dict)
     total_s: dict[str, float] = field(default_factory=dict)
@@ -156,10 +175,14 @@ class _Timer:
 
 
 class _Comm:
-    """Point-to-point helpers: isend everything (no deadlock), time the blocking receives."""
+    """Point-to-point helpers: isend everything (no deadlock), time the blocking receives.
 
-    def __init__(self, ranks: Sequence[int]) -> None:
+    Every tensor it creates (receive buffers, messages, headers) is allocated on ``device``.
+    """
+
+    def __init__(self, ranks: Sequence[int], device: torch.device | str = "cpu") -> None:
         self.ranks = list(ranks)
+        self.device = torch.device(device)
         self.pending: list[tuple[object, torch.Tensor]] = []
         self.wait = 0.0
 
@@ -170,7 +193,7 @@ class _Comm:
             self.pending = [(w, x) for w, x in self.pending if not w.is_completed()]
 
     def recv(self, shape: Sequence[int], dtype: torch.dtype, stage: int, tag: int) -> torch.Tensor:
-        t = torch.empty(tuple(shape), dtype=dtype)
+        t = torch.empty(tuple(shape), dtype=dtype, device=self.device)
         t0 = time.perf_counter()
         dist.recv(t, self.ranks[stage], tag=tag)
         self.wait += time.perf_counter() - t0
@@ -181,16 +204,23 @@ class _Comm:
             w.wait()
         self.pending = []
 
-    # ring messages: one flat tensor ``[kind, mb, step, flag, *payload]`` of a fixed size, with
-    # ``depth`` receives always posted ahead so that transfers overlap the receiver's compute
-    # (gloo only moves data once the receive is posted). A stream ends with ``depth`` pads.
+    # ring messages: one flat tensor ``[header, *payload]`` of a fixed size, with ``depth``
+    # receives always posted ahead so that transfers overlap the receiver's compute (gloo only
+    # moves data once the receive is posted). A stream ends with ``depth`` pads. The header is
+    # ``[kind, mb, step, flag]`` as int32 in the first 16 bytes (a dtype view), so it is exact
+    # for any payload dtype (bf16 would round integers above 256).
     def setup_ring(self, shape: Sequence[int], dtype: torch.dtype, depth: int) -> None:
         self.shape, self.dtype, self.depth = tuple(shape), dtype, depth
-        self.numel = HEADER + math.prod(self.shape)
+        self.hdr = HEADER * 4 // dtype.itemsize  # header length in payload elements
+        self.numel = self.hdr + math.prod(self.shape)
         self.chans: dict[tuple[int, int], deque] = {}
 
+    def _header(self, buf: torch.Tensor) -> torch.Tensor:
+        """The int32 header (4,) of a ring buffer (a view)."""
+        return buf[: self.hdr].view(torch.int32)
+
     def _post(self, stage: int, tag: int) -> None:
-        buf = torch.empty(self.numel, dtype=self.dtype)
+        buf = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         self.chans[(stage, tag)].append((dist.irecv(buf, self.ranks[stage], tag=tag), buf))
 
     def open(self, stage: int, tag: int) -> None:
@@ -208,10 +238,10 @@ class _Comm:
         flag: int = 0,
         payload: torch.Tensor | None = None,
     ) -> None:
-        buf = torch.empty(self.numel, dtype=self.dtype)
-        buf[:HEADER] = torch.tensor([kind, mb, step, flag], dtype=self.dtype)
+        buf = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        self._header(buf).copy_(torch.tensor([kind, mb, step, flag], dtype=torch.int32))
         if payload is not None:
-            buf[HEADER:] = payload.detach().reshape(-1)
+            buf[self.hdr :] = payload.detach().reshape(-1)
         self.send(buf, stage, tag)
 
     def pad(self, stage: int, tag: int) -> None:
@@ -226,14 +256,15 @@ class _Comm:
         work.wait()
         self.wait += time.perf_counter() - t0
         self._post(stage, tag)
-        kind, mb, step, flag = (int(x) for x in buf[:HEADER].tolist())
-        return kind, mb, step, flag, buf[HEADER:].view(self.shape)
+        kind, mb, step, flag = (int(x) for x in self._header(buf).tolist())
+        return kind, mb, step, flag, buf[self.hdr :].view(self.shape)
 
     def close(self, stage: int, tag: int) -> None:
         """Consume the pads that answer the receives still posted."""
         for work, buf in self.chans.pop((stage, tag)):
             work.wait()
-            assert int(buf[0].item()) == K_PAD, "stream closed with a message still in flight"
+            kind = int(self._header(buf)[0].item())
+            assert kind == K_PAD, "stream closed with a message still in flight"
 
 
 @dataclass
@@ -252,6 +283,7 @@ class _MB:
     # phantom graph pieces per step j: (stage input leaf, stage output[, damped z_j, z_{j-1} leaf])
     saved: dict[int, tuple] = field(default_factory=dict)
     loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # detached (b, l, V') with keep_logits
 
 
 def pipeline_forward_backward(
@@ -267,6 +299,7 @@ def pipeline_forward_backward(
     loss_scale: float = 1.0,
     max_iter: int | None = None,
     backward: bool = True,
+    keep_logits: bool = False,
 ) -> tuple[list[torch.Tensor], PipelineStats]:
     """Solve, phantom steps and backward of ``N`` micro-batches on a ring of ``P`` stages.
 
@@ -282,11 +315,14 @@ def pipeline_forward_backward(
         cfg: a :class:`~ilm_megatron.config.SolverConfig` (or a full Config); default: the model's.
         n_microbatches: N, needed on stages that get no ``ids_microbatches``.
         in_flight: M, micro-batches circulating at once (>= 1; >= P keeps every stage busy).
-        pp_ranks: global ranks of stages ``0..P-1`` (default ``range(P)``).
+        pp_ranks: global ranks of stages ``0..P-1`` (default ``range(P)``). Under TP x PP: this
+            rank's pipeline group, :func:`~ilm_megatron.parallel.state.pp_global_ranks`.
         loss_fn: ``(logits (b, l, V'), targets (b, l)) -> scalar``; default mean cross-entropy.
         loss_scale: multiplies each loss before backward (e.g. ``1 / N``).
         max_iter: solver cap override (default ``f_max_iter``).
         backward: False runs the forward ring only (solve + phantom forward, no gradients).
+        keep_logits: the last stage keeps each micro-batch's detached training-mode logits
+            (b, l, padded_vocab) in ``stats.logits`` (for checks; costs N logits tensors).
 
     Returns:
         ``(losses, stats)``: on the last stage the N detached, unscaled losses; [] elsewhere.
@@ -300,7 +336,10 @@ def pipeline_forward_backward(
     if n_microbatches is None:
         raise ValueError("n_microbatches is required on stages without ids_microbatches")
     N, M = n_microbatches, max(1, in_flight)
-    comm = _Comm(pp_ranks if pp_ranks is not None else range(P))
+    if pp_ranks is not None and len(pp_ranks) != P:
+        raise ValueError(f"pp_ranks has {len(pp_ranks)} ranks for {P} stages")
+    dev = stage.device
+    comm = _Comm(pp_ranks if pp_ranks is not None else range(P), dev)
     stats = PipelineStats(iters=[0] * N)
     vocab = stage.config.vocab_size
     if loss_fn is None:
@@ -325,7 +364,8 @@ def pipeline_forward_backward(
             zdt = upcast(stage.embedding.weight[:1]).dtype
             shape = (*ids.shape, d)
             meta = torch.tensor(
-                [i, *ids.shape, u.shape[-1], _DTYPES.index(u.dtype), _DTYPES.index(zdt)]
+                [i, *ids.shape, u.shape[-1], _DTYPES.index(u.dtype), _DTYPES.index(zdt)],
+                device=dev,
             )
             for s in range(1, P):
                 comm.send(meta, s, TAG_U)
@@ -336,7 +376,7 @@ def pipeline_forward_backward(
         """Stages > 0: the cached injection of micro-batch i (received on first sight, in order)."""
         while i not in mbs:
             meta = comm.recv((6,), torch.long, 0, TAG_U)
-            j, b, l_, inj, udt, zdt = (int(x) for x in meta)
+            j, b, l_, inj, udt, zdt = (int(x) for x in meta.tolist())
             u = comm.recv((b, l_, inj), _DTYPES[udt], 0, TAG_U)
             shape = (b, l_, stage.config.d_model)
             mbs[j] = _MB(shape, _DTYPES[zdt], u.requires_grad_(True))
@@ -374,7 +414,7 @@ def pipeline_forward_backward(
         def start_new() -> None:
             i = pending.popleft()
             mb = mbs[i]
-            z0 = torch.zeros(mb.shape, dtype=mb.zdtype)
+            z0 = torch.zeros(mb.shape, dtype=mb.zdtype, device=dev)
             start(i, K_SOLVE if cap > 0 else K_PHANTOM, 1, z0)
 
         while pending and len(ring) < M:
@@ -408,6 +448,7 @@ def pipeline_forward_backward(
                 break
             mb = get_mb(i)
             if kind == K_SOLVE:
+                stats.iters[i] = step
                 with torch.no_grad(), timer:
                     out = stage(z, mb.u)
             else:
@@ -423,7 +464,9 @@ def pipeline_forward_backward(
                 continue
             # phantom step on the last stage: damping with z_{j-1} held here
             if step == 1:
-                zp = mb.best if mb.best is not None else torch.zeros(mb.shape, dtype=mb.zdtype)
+                zp = mb.best
+                if zp is None:
+                    zp = torch.zeros(mb.shape, dtype=mb.zdtype, device=dev)
                 zp = zp.detach()
             else:
                 zp = mb.saved[step - 1][2].detach().requires_grad_(True)
@@ -435,7 +478,10 @@ def pipeline_forward_backward(
             else:
                 tgt = targets_microbatches[i]
                 with torch.enable_grad(), timer:
-                    mb.loss = loss_fn(stage.head(zj), tgt)
+                    logits = stage.head(zj)
+                    mb.loss = loss_fn(logits, tgt)
+                if keep_logits:
+                    mb.logits = logits.detach()
                 comm.put(0, TAG_RET, K_PHANTOM, i, step, 1)
         comm.close(rank - 1, TAG_FWD)
     comm.flush()
@@ -446,14 +492,15 @@ def pipeline_forward_backward(
         for i in range(N):
             mb = mbs[i]
             it = mb.it
-            res = mb.best_res if cap > 0 else torch.full((mb.shape[0],), float("nan"))
-            si = (
-                mb.sample_iters.clamp(max=it)
-                if cap > 0
-                else torch.zeros(mb.shape[0], dtype=torch.long)
-            )
+            if cap > 0:
+                res, si = mb.best_res, mb.sample_iters.clamp(max=it)
+            else:
+                res = torch.full((mb.shape[0],), float("nan"), device=dev)
+                si = torch.zeros(mb.shape[0], dtype=torch.long, device=dev)
             stats.solver.append(SolverStats(it, res, si, tol, "train"))
             losses.append(mb.loss.detach())
+            if keep_logits:
+                stats.logits.append(mb.logits)
     if not backward:
         return losses, stats
 
@@ -559,8 +606,8 @@ def _solver_update(mb: _MB, fz: torch.Tensor, it: int, cap: int, tol: float) -> 
     if it == 1:
         mb.prev = torch.zeros_like(fz)
         mb.best = mb.prev
-        mb.best_res = torch.full((b,), float("inf"))
-        mb.sample_iters = torch.full((b,), cap, dtype=torch.long)
+        mb.best_res = torch.full((b,), float("inf"), device=fz.device)
+        mb.sample_iters = torch.full((b,), cap, dtype=torch.long, device=fz.device)
     res = relative_residual(fz, mb.prev)
     better = res < mb.best_res
     mask = better.view(b, *([1] * (fz.dim() - 1)))

@@ -45,6 +45,33 @@ def tp_world_size() -> int:
     return _ps().get_tensor_model_parallel_world_size() if tp_is_initialized() else 1
 
 
+def pp_rank() -> int:
+    """This process's stage index in its pipeline-parallel group (0 in a single process)."""
+    return _ps().get_pipeline_model_parallel_rank() if tp_is_initialized() else 0
+
+
+def pp_world_size() -> int:
+    """Number of pipeline stages (1 in a single process)."""
+    return _ps().get_pipeline_model_parallel_world_size() if tp_is_initialized() else 1
+
+
+def pp_group() -> dist.ProcessGroup | None:
+    """The pipeline-parallel process group of this rank, or None in a single process."""
+    return _ps().get_pipeline_model_parallel_group() if tp_is_initialized() else None
+
+
+def pp_global_ranks() -> list[int]:
+    """Global ranks of stages ``0..P-1`` of this rank's pipeline (``pp_ranks`` of the ring).
+
+    With Megatron's layout (TP innermost) these are the ranks holding the same TP rank in every
+    stage, e.g. ``[0, 2]`` and ``[1, 3]`` for tp=2, pp=2 on 4 ranks.
+    """
+    group = pp_group()
+    if group is None:
+        return [dist.get_rank()] if dist.is_available() and dist.is_initialized() else [0]
+    return list(dist.get_process_group_ranks(group))
+
+
 def model_tp_size(config: Any) -> int:
     """TP degree a layer built from ``config`` (a ``ModelConfig``) must use.
 

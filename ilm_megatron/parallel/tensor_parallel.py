@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ilm_megatron.parallel.state import tp_group, tp_rank, tp_world_size
+from ilm_megatron.parallel.state import tp_group, tp_world_size
 
 
 def set_tp_layout(param: torch.Tensor, dim: int, parts: Sequence[int]) -> None:
@@ -172,98 +172,26 @@ def compare_with_single_process(
     seq_len: int = 12,
     seq_decode_len: int = 6,
 ) -> None:
-    """One TP worker of the TP-vs-single-process check (run under :func:`state.spawn`).
+    """One TP worker of the TP-vs-single-process check (run under :func:`state.spawn`, PP=1).
 
-    Every rank builds the single-process model from ``seed``, shards its weights into a ``tp``
-    model, and compares: training-mode logits, loss and every (gathered) parameter gradient;
-    solver iteration counts on every rank; eval logits; a checkpoint saved at this TP size and
-    loaded into a single-process model; sequential decoding. TP rank 0 writes a JSON dict to
-    ``result_path``.
+    Kept for callers of the TP-only check: it is :func:`ilm_megatron.parallel.compare.
+    compare_parallel` with one micro-batch (training-mode logits, loss, every gathered gradient,
+    iteration counts on every rank, eval logits, a checkpoint saved at this TP size and loaded into
+    a single-process model, sequential decoding). Global rank 0 writes the JSON dict.
 
     Args:
         config: a :class:`ilm_megatron.config.Config` with ``parallel.tp`` equal to the world size.
     """
-    import dataclasses
-    import json
+    from ilm_megatron.parallel.compare import compare_parallel
 
-    from ilm_megatron.models.lm import build_model
-    from ilm_megatron.parallel.checkpoint import (
-        full_grads,
-        load_checkpoint,
-        load_full_state_dict,
-        save_checkpoint,
+    compare_parallel(
+        rank,
+        config,
+        seed,
+        result_path,
+        ckpt_path,
+        batch=batch,
+        seq_len=seq_len,
+        microbatches=1,
+        seq_decode_len=seq_decode_len,
     )
-
-    cfg = config
-    device = torch.device(
-        f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    )
-    local_cfg = dataclasses.replace(cfg.model, backend="local")  # type: ignore[attr-defined]
-    tp_cfg = dataclasses.replace(cfg.model, backend="tp")  # type: ignore[attr-defined]
-    torch.manual_seed(seed)
-    ref = build_model(local_cfg, cfg.solver).to(device)  # type: ignore[attr-defined]
-    tpm = build_model(tp_cfg, cfg.solver).to(device)  # type: ignore[attr-defined]
-    load_full_state_dict(tpm, ref.state_dict())
-
-    gen = torch.Generator().manual_seed(seed + 1)
-    vocab = cfg.model.vocab_size  # type: ignore[attr-defined]
-    ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen).to(device)
-    x, y = ids[:, :-1], ids[:, 1:]
-
-    def train_step(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        m.train()
-        out = m(x)
-        loss = F.cross_entropy(out.logits[..., :vocab].flatten(0, 1), y.flatten())
-        loss.backward()
-        return out.logits.detach(), loss.detach(), out.stats.sample_iters
-
-    lg_ref, loss_ref, it_ref = train_step(ref)
-    lg_tp, loss_tp, it_tp = train_step(tpm)
-    g_ref = {k: p.grad for k, p in ref.named_parameters() if p.grad is not None}
-    g_tp = full_grads(tpm)
-    rel = 0.0
-    for k, g in g_ref.items():
-        rel = max(rel, ((g_tp[k] - g).abs().max() / (g.abs().max() + 1e-12)).item())
-    missing = sorted(set(g_ref) ^ set(g_tp))
-
-    # identical solver decisions on every TP rank (and equal to the single process)
-    its = [torch.empty_like(it_tp) for _ in range(tp_world_size())]
-    dist.all_gather(its, it_tp.contiguous(), group=tp_group())
-    iters_equal = all(torch.equal(i, it_ref) for i in its)
-
-    with torch.no_grad():
-        ref.eval()
-        tpm.eval()
-        ev_ref, ev_tp = ref(x), tpm(x)
-        eval_iters_equal = torch.equal(ev_ref.stats.sample_iters, ev_tp.stats.sample_iters)
-        eval_diff = (ev_ref.logits - ev_tp.logits).abs().max().item()
-
-        # checkpoint saved at this TP size, loaded into a single-process model
-        save_checkpoint(tpm, ckpt_path)
-        torch.manual_seed(seed + 7)
-        single = build_model(local_cfg, cfg.solver).to(device).eval()  # type: ignore[attr-defined]
-        load_checkpoint(single, ckpt_path)
-        ckpt_diff = (single(x).logits - ev_tp.logits).abs().max().item()
-
-        # sequential decoding (TP-local caches)
-        xs = x[:, :seq_decode_len]
-        sq_ref, sq_tp = ref.forward_sequential(xs), tpm.forward_sequential(xs)
-        seq_diff = (sq_ref.logits - sq_tp.logits).abs().max().item()
-        seq_iters_equal = torch.equal(sq_ref.stats.sample_iters, sq_tp.stats.sample_iters)
-
-    result = {
-        "tp": tp_world_size(),
-        "max_abs_logit_diff": (lg_ref - lg_tp).abs().max().item(),
-        "max_rel_grad_diff": rel,
-        "loss_diff": abs(loss_ref.item() - loss_tp.item()),
-        "iters_equal": bool(iters_equal and eval_iters_equal and seq_iters_equal),
-        "solver_iters": int(it_ref.max()),
-        "eval_logit_diff": eval_diff,
-        "checkpoint_logit_diff": ckpt_diff,
-        "sequential_logit_diff": seq_diff,
-        "grad_params": len(g_ref),
-        "grad_name_mismatch": missing,
-    }
-    if tp_rank() == 0:
-        with open(result_path, "w") as f:
-            json.dump(result, f)
