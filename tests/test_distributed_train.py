@@ -8,11 +8,9 @@ iteration counts (and so the losses) of DP=2 and DP=1 differ legitimately.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dist import losses, records, torchrun_train, worker_env
+from _dist import torchrun_cmd as _torchrun_cmd
 
 from ilm_megatron.config import load_config
 from ilm_megatron.train import checkpoint as ckpt
@@ -41,48 +41,12 @@ BASE = [
 REL_TOL = 1e-5  # DP=2 vs DP=1 losses (fp32; only the reduction order differs)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("ILM_TEST_CRASH_AT_STEP", None)
-    env.pop("ILM_TEST_NAN_AT_STEPS", None)
-    env.update(extra)
-    return env
-
-
 def torchrun_cmd(run_dir: Path, *overrides: str, max_restarts: int = 0) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "--max-restarts", str(max_restarts),
-        "-m", "ilm_megatron.train.cli", "--quiet", *BASE, f"run_dir={run_dir}", *overrides,
-    ]  # fmt: skip
+    return _torchrun_cmd(run_dir, *BASE, *overrides, max_restarts=max_restarts)
 
 
 def torchrun(run_dir: Path, *overrides: str, max_restarts: int = 0, **env: str) -> str:
-    proc = subprocess.run(
-        torchrun_cmd(run_dir, *overrides, max_restarts=max_restarts),
-        env=worker_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    return out
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir)}
+    return torchrun_train(run_dir, *BASE, *overrides, max_restarts=max_restarts, timeout=150, **env)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -202,7 +166,7 @@ def test_single_process_zero_stage_and_refusals(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert [r["step"] for r in records(run)] == [1, 2, 3]
-    with pytest.raises(NotImplementedError, match="tensor and pipeline parallelism"):
+    with pytest.raises(ValueError, match="needs a multiple of 2 processes, got WORLD_SIZE=1"):
         train(load_config([], [*BASE, "parallel.pp=2"]), tmp_path / "pp", quiet=True)
     shutil.rmtree(tmp_path / "pp", ignore_errors=True)
 

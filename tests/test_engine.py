@@ -110,9 +110,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_nan_steps_are_skipped_then_fatal(tmp_path, monkeypatch):
-    from ilm_megatron.train import loop
+    from ilm_megatron.train import engines
 
-    real = loop.token_loss
+    real = engines.token_loss
     calls = {"n": 0}
 
     def flaky(logits, targets, vocab):
@@ -120,11 +120,11 @@ def test_nan_steps_are_skipped_then_fatal(tmp_path, monkeypatch):
         loss = real(logits, targets, vocab)
         return loss * float("nan") if calls["n"] in (2, 3) else loss
 
-    monkeypatch.setattr(loop, "token_loss", flaky)
+    monkeypatch.setattr(engines, "token_loss", flaky)
     res = train(_cfg(tmp_path / "a", "train.max_steps=5"), tmp_path / "a", quiet=True)
     assert res.history[-1]["nan_skipped"] == 2
     calls["n"] = 0
-    monkeypatch.setattr(loop, "token_loss", lambda *a: real(*a) * float("nan"))
+    monkeypatch.setattr(engines, "token_loss", lambda *a: real(*a) * float("nan"))
     with pytest.raises(FloatingPointError, match="3 non-finite steps in a row"):
         train(_cfg(tmp_path / "b", "train.max_steps=5", "train.max_nan_steps=3"),
               tmp_path / "b", quiet=True)  # fmt: skip

@@ -67,8 +67,10 @@ def test_periodic_validation_and_parallel_keys_refused(tmp_path):
     )  # fmt: skip
     res = train(cfg, tmp_path, quiet=True)
     assert all("val_acc_all" in rec and "val_iters_mean" in rec for rec in res.history)
-    with pytest.raises(NotImplementedError, match="parallel.pp=2"):
+    with pytest.raises(ValueError, match="parallel.pp=2 needs a multiple of 2 processes"):
         train(load_config([], ["parallel.pp=2"]), tmp_path / "pp", quiet=True)
+    with pytest.raises(NotImplementedError, match="parallel.zero_stage=1 with parallel.tp=1 x"):
+        train(load_config([], ["parallel.pp=2", "parallel.zero_stage=1"]), tmp_path, quiet=True)
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -30,9 +30,14 @@ _ARCH_FIELDS = (
 
 def save_model(model: ImplicitLM, cfg: Config, path: Path) -> None:
     """Write ``model``'s weights and ``cfg`` (model and solver sections) to ``path`` atomically."""
+    save_state_dict(model.state_dict(), cfg, path)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], cfg: Config, path: Path) -> None:
+    """Write a (single-process) state dict and ``cfg``'s model and solver sections atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     meta = {
         "format": "ilm-megatron/1",
         "model": json.dumps(dataclasses.asdict(cfg.model)),
@@ -73,13 +78,7 @@ def load_model(path: Path, model: ImplicitLM | None = None) -> ImplicitLM:
     if model is None:
         model = ImplicitLM(mcfg, scfg)
     else:
-        diff = [
-            f"{k}: checkpoint {getattr(mcfg, k)!r} vs model {getattr(model.config, k)!r}"
-            for k in _ARCH_FIELDS
-            if getattr(mcfg, k) != getattr(model.config, k)
-        ]
-        if diff:
-            raise ValueError(f"{path}: checkpoint does not match the model: " + "; ".join(diff))
+        check_architecture(path, model.config)
     state = {}
     with safe_open(str(path), framework="pt") as fh:
         for k in fh.keys():
@@ -87,6 +86,18 @@ def load_model(path: Path, model: ImplicitLM | None = None) -> ImplicitLM:
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
     return model
+
+
+def check_architecture(path: Path, config: ModelConfig) -> None:
+    """Raise ValueError naming every architecture field where ``path`` differs from ``config``."""
+    mcfg, _ = read_configs(path)
+    diff = [
+        f"{k}: checkpoint {getattr(mcfg, k)!r} vs model {getattr(config, k)!r}"
+        for k in _ARCH_FIELDS
+        if getattr(mcfg, k) != getattr(config, k)
+    ]
+    if diff:
+        raise ValueError(f"{path}: checkpoint does not match the model: " + "; ".join(diff))
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:

@@ -1,12 +1,12 @@
-"""Process groups for data-parallel training with DeepSpeed ZeRO (TP = PP = 1 for now).
+"""Process groups for multi-process training (DeepSpeed ZeRO data parallel, or TP x PP x DP).
 
 ``torchrun`` and the ``deepspeed`` launcher describe a worker through environment variables
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). :func:`setup` reads
 them, initialises ``torch.distributed`` through DeepSpeed (gloo on CPU, NCCL on GPU) and Megatron's
-``parallel_state`` with tensor and pipeline size 1, and returns a :class:`DistContext`.
+``parallel_state`` with ``parallel.tp`` and ``parallel.pp``, and returns a :class:`DistContext`.
 
 A plain single process (no launcher variables, ``parallel.zero_stage=0``) never reaches this
-module's initialisation: :func:`wants_deepspeed` is False and the trainer runs as before.
+module's initialisation: it trains with :class:`~ilm_megatron.train.engines.LocalEngine`.
 """
 
 from __future__ import annotations
@@ -29,23 +29,31 @@ def env_world_size() -> int:
 
 
 def wants_deepspeed(cfg: Config) -> bool:
-    """True when the run needs the DeepSpeed engine: ZeRO 1/2 asked for, or several processes."""
-    return cfg.parallel.zero_stage in (1, 2) or env_world_size() > 1
+    """True when the run needs the DeepSpeed engine: ZeRO 1/2 or several processes, TP = PP = 1."""
+    par = cfg.parallel
+    if par.tp > 1 or par.pp > 1:
+        return False
+    return par.zero_stage in (1, 2) or env_world_size() > 1
 
 
 def check_parallel(cfg: Config) -> None:
-    """Refuse the parallel settings this trainer does not implement yet (TP, PP)."""
+    """Refuse parallel settings that cannot run with this launch, naming the values."""
     par = cfg.parallel
-    if par.tp > 1 or par.pp > 1:
+    mp = par.tp * par.pp
+    if mp == 1:
+        return
+    layout = f"parallel.tp={par.tp} x parallel.pp={par.pp}"
+    if par.zero_stage > 0:
         raise NotImplementedError(
-            f"parallel.tp={par.tp}, parallel.pp={par.pp}: tensor and pipeline parallelism are not "
-            "implemented in ilm-train yet; use data parallelism (torchrun/deepspeed launchers) "
-            "with parallel.zero_stage=1 or 2 and parallel.tp=1 parallel.pp=1"
+            f"parallel.zero_stage={par.zero_stage} with {layout}: ZeRO sharding runs on the "
+            "DeepSpeed engine, which is data parallel only; use parallel.zero_stage=0 with "
+            "tensor/pipeline parallelism (gradients are averaged over the data-parallel group)"
         )
-    if par.microbatches > 1 and not wants_deepspeed(cfg):
-        raise NotImplementedError(
-            f"parallel.microbatches={par.microbatches} needs the DeepSpeed engine: set "
-            "parallel.zero_stage=1 or 2, or launch several processes"
+    world = env_world_size()
+    if world % mp:
+        raise ValueError(
+            f"{layout} needs a multiple of {mp} processes, got WORLD_SIZE={world}: launch with "
+            f"torchrun --nproc-per-node {mp} (or launchers/torchrun.sh)"
         )
 
 
@@ -182,7 +190,7 @@ def setup(cfg: Config) -> DistContext:
         )
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+        parallel_state.initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp)
     mpu = MegatronMPU()
     return DistContext(
         rank=dist.get_rank(),

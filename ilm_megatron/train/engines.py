@@ -1,0 +1,843 @@
+"""Training engines: what one optimizer step means in each parallel layout.
+
+The loop in :mod:`ilm_megatron.train.loop` is written once against :class:`Engine`; the engine
+owns the model, the optimizer, the process groups and the checkpoint layout:
+
+* :class:`LocalEngine`: one process, no ``torch.distributed``. Gradient accumulation over
+  ``parallel.microbatches``.
+* :class:`DeepSpeedEngine`: data parallel with DeepSpeed ZeRO stage 0/1/2 (``tp = pp = 1``),
+  launched by ``torchrun`` / ``deepspeed``; resumes at another data-parallel size through
+  DeepSpeed's universal checkpoint.
+* :class:`ParallelEngine`: tensor x pipeline x data parallel over Megatron-Core's process groups
+  (``parallel.tp > 1`` or ``parallel.pp > 1``; ZeRO-0). TP layers come from the ``tp`` spec
+  backend; PP runs the ring schedule of :mod:`ilm_megatron.parallel.pipeline`; gradients are
+  averaged over the data-parallel group, the gradient norm is taken over the whole model (sharded
+  parameters counted once per shard, replicated ones once) and clipping and the non-finite skip
+  are decided identically on every rank.
+
+Every engine answers :meth:`Engine.train_step` with a :class:`StepOutput` that is identical on all
+ranks (loss and accuracy averaged over the global batch, the solver statistics of the first
+data-parallel replica), so the loop's logging and stopping logic never branch on the layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ilm_megatron.config import Config, SolverConfig
+from ilm_megatron.implicit.solver import SolverStats
+from ilm_megatron.models.lm import ImplicitLM, build_model
+from ilm_megatron.train.checkpoint import (
+    _step_dir,
+    _write_text_atomic,
+    check_architecture,
+    load_model,
+    load_state,
+    save_model,
+    save_state_dict,
+    save_training_checkpoint,
+)
+from ilm_megatron.train.data import IGNORE
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Cross-entropy over aligned targets (no shift). logits (b, l, V'), targets (b, l)."""
+    return F.cross_entropy(logits[..., :vocab].flatten(0, 1).float(), targets.flatten())
+
+
+def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> float:
+    """Argmax accuracy over the targets that count (``-100`` targets are ignored)."""
+    keep = targets != IGNORE
+    hits = (logits[..., :vocab].argmax(-1) == targets) & keep
+    return hits.sum().item() / max(1, keep.sum().item())
+
+
+def merge_stats(stats: Sequence[SolverStats]) -> SolverStats:
+    """One :class:`SolverStats` for several micro-batches: samples concatenated, max iterations."""
+    if len(stats) == 1:
+        return stats[0]
+    return SolverStats(
+        max(s.iters for s in stats),
+        torch.cat([s.residual.detach().cpu() for s in stats]),
+        torch.cat([s.sample_iters.detach().cpu() for s in stats]),
+        stats[0].tol,
+        stats[0].solver,
+    )
+
+
+def new_optimizer(params: Sequence[nn.Parameter] | Any, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with the ``train`` section's hyper-parameters."""
+    t = cfg.train
+    return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step as seen by the loop (the same on every rank).
+
+    Attributes:
+        loss: mean training loss over the global batch (NaN when a loss was non-finite).
+        acc: mean token accuracy over the global batch.
+        grad_norm: global gradient norm before clipping (NaN when the step was skipped).
+        applied: False when the update was skipped (non-finite loss or gradient).
+        stats: solver statistics of the step (first data-parallel replica, all micro-batches).
+        stop: a SIGTERM/SIGINT was seen on some rank.
+    """
+
+    loss: float
+    acc: float
+    grad_norm: float
+    applied: bool
+    stats: SolverStats
+    stop: bool = False
+
+
+class Engine:
+    """The interface the training loop drives. Collective methods must run on every rank."""
+
+    name = "engine"
+    rank, world_size, dp_rank, dp_size = 0, 1, 0, 1
+    distributed = False
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.vocab = cfg.model.vocab_size
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def solver_config(self) -> SolverConfig:
+        """The solver config the model reads at every step (the curriculum mutates it)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Layout for the start-up line, e.g. ``"4 x cpu (TP=2, PP=2, DP=1)"``."""
+        return f"{self.device}"
+
+    def setup(self, data: Any, latest: Path | None) -> dict | None:
+        """Finish building (optimizer wrappers) and load ``latest`` when given.
+
+        Returns the trainer state (rng, data, counters) of the checkpoint, or None.
+        """
+        raise NotImplementedError
+
+    def set_lr(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, stop: bool, hook: Callable
+    ) -> StepOutput:
+        """One optimizer step on this rank's share ``x, y`` (b, l) of the global batch.
+
+        ``hook(loss)`` may replace the loss (fault injection in tests).
+        """
+        raise NotImplementedError
+
+    def n_params(self) -> int:
+        """Parameters of the whole (unsharded) model."""
+        raise NotImplementedError
+
+    def flops_model(self) -> nn.Module:
+        """A module with the whole model's parameter shapes (for the FLOP count)."""
+        raise NotImplementedError
+
+    def eval_model(self) -> ImplicitLM | None:
+        """A full single-process model with the current weights on rank 0, None elsewhere.
+
+        Collective.
+        """
+        raise NotImplementedError
+
+    def save(self, ckpt_root: Path, state: dict) -> Path:
+        """Write a training checkpoint of step ``state["counters"]["step"]``. Collective."""
+        raise NotImplementedError
+
+    def export(self, path: Path) -> None:
+        """Write the whole model's weights (safetensors) from rank 0. Collective."""
+        raise NotImplementedError
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return values
+
+    def barrier(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+class LocalEngine(Engine):
+    """One process: AdamW, gradient accumulation over ``parallel.microbatches``, clipping."""
+
+    name = "single process"
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, cfg.solver).to(device)
+        self.model.train()
+        self.opt = new_optimizer(self.model.parameters(), cfg)
+
+    @property
+    def solver_config(self) -> SolverConfig:
+        return self.model.solver_config
+
+    def setup(self, data: Any, latest: Path | None) -> dict | None:
+        if latest is None:
+            return None
+        if not (latest / "trainer.pt").is_file() or (latest / "trainer-rank00000.pt").is_file():
+            raise ValueError(
+                f"{latest} was written by a multi-process trainer (ZeRO, TP or PP): resume it "
+                "with the same parallel settings and number of processes"
+            )
+        load_model(latest / "model.safetensors", self.model)
+        state = torch.load(latest / "trainer.pt", weights_only=True)
+        if "optimizer" not in state:
+            raise ValueError(
+                f"{latest} was written by the DeepSpeed trainer (ZeRO / several processes): "
+                "resume it with the same parallel.zero_stage and number of processes"
+            )
+        self.opt.load_state_dict(state["optimizer"])
+        return state
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, stop: bool, hook: Callable
+    ) -> StepOutput:
+        mb = self.cfg.parallel.microbatches
+        self.opt.zero_grad(set_to_none=True)
+        losses, accs, stats = [], [], []
+        finite = True
+        for xc, yc in zip(x.chunk(mb), y.chunk(mb)):
+            out = self.model(xc)
+            loss = hook(token_loss(out.logits, yc, self.vocab))
+            losses.append(loss.item())
+            accs.append(token_accuracy(out.logits, yc, self.vocab))
+            stats.append(out.stats)
+            if not bool(torch.isfinite(loss)):
+                finite = False  # no backward: the update is skipped
+                break
+            (loss / mb if mb > 1 else loss).backward()
+        gnorm = float("nan")
+        if finite:
+            clip = self.cfg.train.clip_grad or float("inf")
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            finite = math.isfinite(gnorm)
+        if finite:
+            self.opt.step()
+        else:
+            self.opt.zero_grad(set_to_none=True)
+        return StepOutput(
+            sum(losses) / len(losses) if finite else float("nan"),
+            sum(accs) / len(accs),
+            gnorm,
+            finite,
+            merge_stats(stats),
+            stop,
+        )
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def flops_model(self) -> nn.Module:
+        return self.model
+
+    def eval_model(self) -> ImplicitLM:
+        return self.model
+
+    def save(self, ckpt_root: Path, state: dict) -> Path:
+        state = {"optimizer": self.opt.state_dict(), **state}
+        return save_training_checkpoint(
+            ckpt_root,
+            state["counters"]["step"],
+            self.model,
+            self.cfg,
+            state,
+            self.cfg.train.keep_last,
+        )
+
+    def export(self, path: Path) -> None:
+        save_model(self.model, self.cfg, path)
+
+
+# ---------------------------------------------------------------------------------------------
+def save_distributed_checkpoint(
+    engine: Engine,
+    ckpt_root: Path,
+    step: int,
+    keep_last: int,
+    write_all: Callable[[Path], None],
+    write_rank0: Callable[[Path], None],
+) -> Path:
+    """The atomic checkpoint scheme of one process, for many ranks.
+
+    Every rank writes its files into ``checkpoints/.step-N.tmp`` (``write_all(tmp)``), rank 0
+    adds the shared ones (``write_rank0(tmp)``). After a barrier rank 0 renames the folder to
+    ``step-N``, rewrites ``latest`` and prunes beyond ``keep_last``; a final barrier keeps the
+    ranks together. A job killed at any moment leaves ``latest`` on a complete checkpoint.
+    """
+    final = _step_dir(ckpt_root, step)
+    tmp = ckpt_root / f".{final.name}.tmp"
+    if engine.is_rank0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    engine.barrier()
+    write_all(tmp)
+    write_rank0(tmp)
+    engine.barrier()
+    if engine.is_rank0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(ckpt_root / "latest", final.name + "\n")
+        steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+        for old in steps[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    engine.barrier()
+    return final
+
+
+def _saved_ranks(latest: Path) -> int:
+    """How many ranks wrote the multi-process checkpoint ``latest`` (its ``trainer-rank*.pt``)."""
+    return len(list(latest.glob("trainer-rank*.pt")))
+
+
+class _DistributedBase(Engine):
+    """Process-group plumbing shared by the DeepSpeed and the native parallel engines."""
+
+    distributed = True
+
+    def __init__(self, cfg: Config) -> None:
+        from ilm_megatron.train import distributed as D
+
+        self.ctx = D.setup(cfg)
+        super().__init__(cfg, self.ctx.device)
+        self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
+        self.dp_rank, self.dp_size = self.ctx.dp_rank, self.ctx.dp_size
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return self.ctx.all_reduce_sum(values)
+
+    def barrier(self) -> None:
+        self.ctx.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+class DeepSpeedEngine(_DistributedBase):
+    """Data parallel with DeepSpeed ZeRO 0/1/2 (``tp = pp = 1``).
+
+    Each data-parallel rank takes its slice of the global batch, split further into
+    ``parallel.microbatches``. A non-finite loss on any rank poisons the gradients on every rank
+    so that the update is skipped everywhere (lock-step).
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.name = f"DeepSpeed ZeRO-{cfg.parallel.zero_stage}"
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, cfg.solver).to(self.device)
+        self.model.train()
+        self.opt = new_optimizer(self.model.parameters(), cfg)
+        self.engine: Any = None
+
+    def describe(self) -> str:
+        mb = self.cfg.parallel.microbatches
+        return f"{self.world_size} x {self.device} ({self.name}, {mb} microbatch(es))"
+
+    @property
+    def module(self) -> ImplicitLM:
+        return self.engine.module if self.engine is not None else self.model
+
+    @property
+    def solver_config(self) -> SolverConfig:
+        return self.module.solver_config
+
+    def setup(self, data: Any, latest: Path | None) -> dict | None:
+        import deepspeed
+
+        from ilm_megatron.train import distributed as D
+
+        universal = self._prepare_resume(latest, data) if latest is not None else None
+        ds_config = D.deepspeed_config(self.cfg, self.ctx)
+        if universal is not None:
+            ds_config["checkpoint"] = {"load_universal": True}
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.opt, config=ds_config, mpu=self.ctx.mpu
+        )
+        if latest is None:
+            return None
+        state = self._load(latest, universal)
+        if universal is not None:
+            state["resumed_from"] = f" (converted from {_saved_ranks(latest)} ranks)"
+        return state
+
+    def _prepare_resume(self, latest: Path, data: Any) -> Path | None:
+        """Check ``latest`` before the engine exists; convert it when the world size changed.
+
+        Same number of ranks: returns None (a plain DeepSpeed load). Another number (ZeRO-1/2
+        and ``data.task=word_problem`` only): rank 0 converts the checkpoint's DeepSpeed state
+        once into DeepSpeed's universal format at ``latest/universal`` (written to
+        ``.universal.tmp`` and renamed, so a crash never leaves half a conversion), all ranks
+        wait, and the folder is returned: the engine is then built with
+        ``checkpoint.load_universal`` and re-partitions the optimizer state over the new ranks.
+        """
+        cfg = self.cfg
+        if not (latest / "mp_rank_00_model_states.pt").is_file():
+            raise ValueError(
+                f"{latest} was written by the single-process or the TP/PP trainer (no DeepSpeed "
+                "state): resume it with the settings it was written with, or start a new run "
+                "directory"
+            )
+        saved = _saved_ranks(latest)
+        if saved == self.world_size:
+            return None
+        where = f"{latest} was written by {saved} process(es), now {self.world_size}"
+        if cfg.parallel.zero_stage not in (1, 2) or not list(latest.glob("*optim_states.pt")):
+            raise ValueError(
+                f"{where}: resuming at another data-parallel size needs ZeRO-1/2 on both sides "
+                "(parallel.zero_stage=1 or 2); resume with the same number of processes"
+            )
+        if cfg.data.task != "word_problem":
+            state = torch.load(latest / "trainer.pt", weights_only=True)
+            data.load_state_dict(state["data"])  # the shards loader refuses with its own message
+            raise ValueError(
+                f"{where}: only data.task=word_problem resumes at another data-parallel size "
+                f"(the {cfg.data.task} data position is per rank); resume with {saved} process(es)"
+            )
+        out = latest / "universal"
+        if self.is_rank0 and not out.is_dir():
+            import argparse
+            import contextlib
+            import io
+
+            from deepspeed.checkpoint import ds_to_universal
+
+            tmp = latest / ".universal.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            args = argparse.Namespace(
+                input_folder=str(latest),
+                output_folder=str(tmp),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,  # the model declares no universal-checkpoint info
+            )
+            quiet = io.StringIO()
+            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                ds_to_universal.main(args)
+            os.replace(tmp, out)
+        self.barrier()
+        return out
+
+    def _load(self, latest: Path, universal: Path | None) -> dict:
+        own = latest / f"trainer-rank{self.rank:05d}.pt"
+        if universal is not None:
+            own = latest / "trainer.pt"  # every rank takes rank 0's trainer state
+        elif not own.is_file():
+            raise ValueError(
+                f"{latest} has no trainer state for rank {self.rank}: it was written with a "
+                f"different number of processes than now ({self.world_size})"
+            )
+        load_model(latest / "model.safetensors", self.engine.module)  # architecture check
+        folder = universal if universal is not None else latest
+        path, _ = self.engine.load_checkpoint(
+            str(folder.parent),
+            tag=folder.name,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load {folder}")
+        return torch.load(own, weights_only=True)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, stop: bool, hook: Callable
+    ) -> StepOutput:
+        mb, zero = self.cfg.parallel.microbatches, self.cfg.parallel.zero_stage
+        engine, module = self.engine, self.engine.module
+        loss_sum = acc_sum = 0.0
+        bad = stop_any = False
+        gnorm = float("nan")
+        applied = True
+        stats = []
+        for i, (xc, yc) in enumerate(zip(x.chunk(mb), y.chunk(mb))):
+            out = engine(xc)
+            loss = hook(token_loss(out.logits, yc, self.vocab))
+            acc = token_accuracy(out.logits, yc, self.vocab)
+            ok = bool(torch.isfinite(loss))
+            nonfinite, stops, lsum, asum = self.all_reduce_sum(
+                [0.0 if ok else 1.0, float(stop), loss.item() if ok else 0.0, acc]
+            )
+            stop_any |= stops > 0
+            loss_sum += lsum
+            acc_sum += asum
+            if nonfinite > 0:  # NaN gradients on every rank: the update is skipped by all
+                bad = True
+                loss = loss * float("nan")
+            engine.backward(loss)
+            if zero == 0 and i == mb - 1:  # plain DP: gradients are all-reduced now
+                params = [p for p in module.parameters() if p.grad is not None]
+                gnorm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+                if not math.isfinite(gnorm):
+                    applied = False
+                    for p in params:
+                        p.grad = None
+            engine.step()
+            stats.append(out.stats)
+        if zero > 0:
+            applied = engine.was_step_applied()
+            norm = engine.get_global_grad_norm()
+            gnorm = float(norm) if norm is not None else float("nan")
+        finite = applied and not bad and math.isfinite(gnorm)
+        n = mb * self.dp_size
+        return StepOutput(
+            loss_sum / n if not bad else float("nan"),
+            acc_sum / n,
+            gnorm if finite else float("nan"),
+            finite,
+            merge_stats(stats),
+            stop_any,
+        )
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def flops_model(self) -> nn.Module:
+        return self.module
+
+    def eval_model(self) -> ImplicitLM | None:
+        return self.module if self.is_rank0 else None
+
+    def save(self, ckpt_root: Path, state: dict) -> Path:
+        state = {**state, "world_size": self.world_size}
+        step = state["counters"]["step"]
+
+        def write_all(tmp: Path) -> None:
+            # DeepSpeed's model and ZeRO optimizer shards (collective), this rank's trainer state
+            self.engine.save_checkpoint(
+                str(ckpt_root), tag=tmp.name, client_state={}, save_latest=False
+            )
+            torch.save(state, tmp / f"trainer-rank{self.rank:05d}.pt")
+
+        def write_rank0(tmp: Path) -> None:
+            if self.is_rank0:
+                save_model(self.module, self.cfg, tmp / "model.safetensors")
+                torch.save(state, tmp / "trainer.pt")
+
+        return save_distributed_checkpoint(
+            self, ckpt_root, step, self.cfg.train.keep_last, write_all, write_rank0
+        )
+
+    def export(self, path: Path) -> None:
+        if self.is_rank0:
+            save_model(self.module, self.cfg, path)
+        self.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+class ParallelEngine(_DistributedBase):
+    """Tensor x pipeline x data parallelism on Megatron-Core's process groups (ZeRO-0).
+
+    Every rank builds the single-process model from ``train.seed`` (so a run starts from the same
+    weights whatever the layout) and keeps its tensor-parallel shard; with ``pp > 1`` it trains the
+    parameters of its pipeline stage only. Checkpoints hold the whole model gathered into one
+    ``model.safetensors`` (loadable by one process, by any layout, and by the HF exporter) and one
+    ``trainer-rankRRRRR.pt`` per rank with its optimizer state; a run resumes with the layout it was
+    saved with.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        from megatron.core import parallel_state as ps
+
+        from ilm_megatron.parallel.checkpoint import load_full_state_dict
+        from ilm_megatron.parallel.state import pp_global_ranks
+
+        super().__init__(cfg)
+        self.ps = ps
+        par = cfg.parallel
+        self.tp, self.pp = par.tp, par.pp
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.name = f"TP={self.tp}, PP={self.pp}, DP={self.dp_size}"
+        self.local_cfg = dataclasses.replace(cfg.model, backend="local")
+        self.save_cfg = dataclasses.replace(cfg, model=self.local_cfg)  # files are layout-free
+        torch.manual_seed(cfg.train.seed)
+        full = build_model(self.local_cfg, cfg.solver)
+        self._n_params = sum(p.numel() for p in full.parameters())
+        self.model = build_model(cfg.model, cfg.solver).to(self.device)
+        load_full_state_dict(self.model, full.state_dict())
+        del full
+        self.model.train()
+        self.stage = None
+        params: list[nn.Parameter] = list(self.model.parameters())
+        if self.pp > 1:
+            from ilm_megatron.parallel.pipeline import split_model_into_stages
+
+            if not cfg.model.implicit:
+                raise NotImplementedError(
+                    "parallel.pp > 1 runs the ring schedule of implicit models; an explicit model "
+                    f"(model.implicit=false) needs parallel.pp=1, got parallel.pp={self.pp}"
+                )
+            self.stage = split_model_into_stages(self.model, self.pp_rank, self.pp)
+            params = list(self.stage.parameters())
+            self.pp_ranks = pp_global_ranks()
+        self.params = params
+        self.opt = new_optimizer(params, cfg)
+        self.is_last_stage = self.pp_rank == self.pp - 1
+        # parameters whose gradient enters the global norm on this rank: every TP shard, a
+        # replicated parameter on TP rank 0 only, the tied embedding on the first stage only
+        from ilm_megatron.parallel.tensor_parallel import get_tp_layout
+
+        first_ids = set()
+        if self.stage is not None and self.stage.tied and self.is_last_stage:
+            first_ids = {id(self.model.embedding.weight)}
+        self.norm_params = [
+            p
+            for p in params
+            if (get_tp_layout(p) is not None or self.tp_rank == 0) and id(p) not in first_ids
+        ]
+        self._eval: ImplicitLM | None = None
+
+    def describe(self) -> str:
+        mb = self.cfg.parallel.microbatches
+        return f"{self.world_size} x {self.device} ({self.name}, {mb} microbatch(es))"
+
+    @property
+    def solver_config(self) -> SolverConfig:
+        return self.model.solver_config
+
+    # ----------------------------------------------------------------- step
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, stop: bool, hook: Callable
+    ) -> StepOutput:
+        mb = self.cfg.parallel.microbatches
+        self.opt.zero_grad(set_to_none=True)
+        xs, ys = list(x.chunk(mb)), list(y.chunk(mb))
+        losses: list[float] = []
+        accs: list[float] = []
+        stats: list[SolverStats] = []
+        reports = self.is_last_stage and self.tp_rank == 0  # one reporter per DP replica
+        if self.stage is None:
+            for xc, yc in zip(xs, ys):
+                out = self.model(xc)
+                loss = hook(token_loss(out.logits, yc, self.vocab))
+                losses.append(loss.item())
+                accs.append(token_accuracy(out.logits, yc, self.vocab))
+                stats.append(out.stats)
+                (loss / mb if mb > 1 else loss).backward()  # a NaN shows in the global norm
+        else:
+            from ilm_megatron.parallel.pipeline import pipeline_forward_backward
+
+            def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+                loss = hook(token_loss(logits, targets, self.vocab))
+                losses.append(loss.item())
+                accs.append(token_accuracy(logits, targets, self.vocab))
+                return loss
+
+            _, pstats = pipeline_forward_backward(
+                self.stage,
+                xs if self.pp_rank == 0 else None,
+                ys if self.is_last_stage else None,
+                self.model.solver_config,
+                n_microbatches=mb,
+                in_flight=mb,
+                pp_ranks=self.pp_ranks,
+                loss_fn=loss_fn,
+                loss_scale=1.0 / mb,
+            )
+            stats = pstats.solver
+        self._reduce_data_parallel()
+        gnorm = self._global_grad_norm()
+        applied = math.isfinite(gnorm)
+        if applied:
+            clip = self.cfg.train.clip_grad
+            if clip and gnorm > clip:
+                scale = clip / (gnorm + 1e-6)
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        # loss, accuracy and the stop flag summed over every rank (reporters only for the first two)
+        n_rep = len(losses) if reports else 0
+        lsum, asum, count, stops = self.all_reduce_sum(
+            [sum(losses) if reports else 0.0, sum(accs) if reports else 0.0, n_rep, float(stop)]
+        )
+        merged = self._share_stats(merge_stats(stats) if reports and stats else None, x.shape[0])
+        return StepOutput(
+            lsum / count if applied else float("nan"),
+            asum / count,
+            gnorm if applied else float("nan"),
+            applied,
+            merged,
+            stops > 0,
+        )
+
+    def _reduce_data_parallel(self) -> None:
+        """Average the gradients over the data-parallel group (one flat buffer)."""
+        if self.dp_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, group=self.ps.get_data_parallel_group())
+        flat /= self.dp_size
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
+            offset += g.numel()
+
+    def _global_grad_norm(self) -> float:
+        """L2 norm of the whole model's gradient (collective over the model-parallel group)."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.norm_params:
+            if p.grad is not None:
+                sq += p.grad.detach().double().pow(2).sum()
+        if self.tp * self.pp > 1:
+            torch.distributed.all_reduce(sq, group=self.ps.get_model_parallel_group())
+        return float(sq.sqrt())
+
+    def _share_stats(self, mine: SolverStats | None, batch: int) -> SolverStats:
+        """The solver statistics of the first replica's reporting rank, on every rank.
+
+        ``mine``: that rank's merged stats (None elsewhere); ``batch``: samples per DP rank.
+        """
+        source = mine is not None and self.dp_rank == 0
+        vec = torch.zeros(1 + 2 * batch, dtype=torch.float64)
+        if source:
+            vec[0] = mine.iters
+            vec[1 : 1 + batch] = mine.residual.double().cpu()
+            vec[1 + batch :] = mine.sample_iters.double().cpu()
+        vec = torch.tensor(self.all_reduce_sum(vec.tolist()), dtype=torch.float64)
+        return SolverStats(
+            int(vec[0]),
+            vec[1 : 1 + batch].float(),
+            vec[1 + batch :].long(),
+            self.model.solver_config.f_tol,
+        )
+
+    # ----------------------------------------------------------------- weights
+    def n_params(self) -> int:
+        return self._n_params
+
+    def flops_model(self) -> nn.Module:
+        with torch.device("meta"):
+            return build_model(self.local_cfg, self.cfg.solver)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The single-process state dict on rank 0 (None elsewhere). Collective.
+
+        Within a stage the TP shards are gathered, then the stages' parts are collected over the
+        pipeline group (:func:`~ilm_megatron.parallel.checkpoint.pipeline_full_state_dict`).
+        """
+        from ilm_megatron.parallel.checkpoint import pipeline_full_state_dict
+
+        sd = pipeline_full_state_dict(self.model, self.stage)
+        return sd if self.is_rank0 else None
+
+    def eval_model(self) -> ImplicitLM | None:
+        sd = self.full_state_dict()
+        if not self.is_rank0:
+            return None
+        if self._eval is None:
+            self._eval = build_model(self.local_cfg, self.model.solver_config).to(self.device)
+        self._eval.solver_config = self.model.solver_config
+        self._eval.load_state_dict(sd)
+        self._eval.train(self.model.training)
+        return self._eval
+
+    def export(self, path: Path) -> None:
+        sd = self.full_state_dict()
+        if self.is_rank0:
+            save_state_dict(sd, self.save_cfg, path)
+        self.barrier()
+
+    # ----------------------------------------------------------------- checkpoints
+    def _layout(self) -> dict[str, int]:
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp_size, "world_size": self.world_size}
+
+    def save(self, ckpt_root: Path, state: dict) -> Path:
+        state = {**state, "layout": self._layout()}
+        sd = self.full_state_dict()
+
+        def write_all(tmp: Path) -> None:
+            own = {**state, "optimizer": self.opt.state_dict()}
+            torch.save(own, tmp / f"trainer-rank{self.rank:05d}.pt")
+
+        def write_rank0(tmp: Path) -> None:
+            if self.is_rank0:
+                save_state_dict(sd, self.save_cfg, tmp / "model.safetensors")
+                torch.save(state, tmp / "trainer.pt")
+
+        step = state["counters"]["step"]
+        return save_distributed_checkpoint(
+            self, ckpt_root, step, self.cfg.train.keep_last, write_all, write_rank0
+        )
+
+    def setup(self, data: Any, latest: Path | None) -> dict | None:
+        from ilm_megatron.parallel.checkpoint import load_full_state_dict
+
+        if latest is None:
+            return None
+        own = latest / f"trainer-rank{self.rank:05d}.pt"
+        shared = torch.load(latest / "trainer.pt", weights_only=True)
+        saved = shared.get("layout")
+        if saved != self._layout():
+            what = (
+                f"TP={saved['tp']}, PP={saved['pp']}, DP={saved['dp']}"
+                if saved
+                else "the single-process or DeepSpeed trainer"
+            )
+            raise ValueError(
+                f"{latest} was written by {what}, now {self.name}: the optimizer state is per "
+                "rank, so resume with the same layout (model.safetensors itself loads at any "
+                "layout and in one process)"
+                if saved
+                else f"{latest} was written by {what}, now {self.name}: resume it with the "
+                "settings it was written with"
+            )
+        check_architecture(latest / "model.safetensors", self.cfg.model)
+        load_full_state_dict(self.model, load_state(latest / "model.safetensors"))
+        state = torch.load(own, weights_only=True)
+        self.opt.load_state_dict(state.pop("optimizer"))
+        return state
+
+
+def build_engine(cfg: Config) -> Engine:
+    """The engine for ``cfg``'s parallel settings and the launcher's world size."""
+    from ilm_megatron.train.distributed import check_parallel, wants_deepspeed
+    from ilm_megatron.train.loop import resolve_device
+
+    check_parallel(cfg)
+    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
+        return ParallelEngine(cfg)
+    if wants_deepspeed(cfg):
+        return DeepSpeedEngine(cfg)
+    return LocalEngine(cfg, resolve_device(cfg.train.device))

@@ -1,0 +1,122 @@
+"""``ilm-train`` with tensor and pipeline parallelism under torchrun on CPU, against one process.
+
+The reference is the single-process trainer with the same global batch split into the same
+micro-batches. Every parallel layout starts from the same weights (each rank builds the
+single-process model from ``train.seed`` and keeps its shard) and draws the same batches, so the
+loss and gradient-norm sequences must agree up to the order of floating-point reductions. The
+solver tolerance is tiny so that every solve runs its cap (no stop decision near a tie).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from _dist import losses, records, torchrun_train
+
+from ilm_megatron.config import load_config
+from ilm_megatron.train import checkpoint as ckpt
+from ilm_megatron.train.loop import train
+
+pytestmark = pytest.mark.slow
+
+BASE = [
+    "train.batch_size=8",
+    "data.seq_len=8",
+    "data.eval_seq_len=0",
+    "solver.f_max_iter=5",
+    "solver.f_tol=1e-12",
+    "solver.phantom_steps=2",
+    "train.log_interval=1",
+    "train.eval_batches=1",
+    "train.tensorboard=false",
+    "train.device=cpu",
+    "train.max_steps=4",
+    "model.n_layers=2",
+    "model.ngroups=2",
+]
+REL = 1e-5
+
+
+def _close(got: Path, ref: Path) -> None:
+    """Losses and gradient norms of every step, and the final weights, against the reference."""
+    a, b = records(ref), records(got)
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=REL), (rb["step"], rb, ra)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=REL), rb["step"]
+        assert rb["iters_mean"] == ra["iters_mean"]
+    wa = ckpt.load_state(ref / "model.safetensors")
+    wb = ckpt.load_state(got / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process, two micro-batches of 4 sequences."""
+    run = tmp_path_factory.mktemp("single")
+    cfg = load_config([], [*BASE, f"run_dir={run}", "parallel.microbatches=2"])
+    train(cfg, run, quiet=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory) -> Path:
+    """PP=2, two micro-batches in flight around the ring, a checkpoint every 2 steps."""
+    run = tmp_path_factory.mktemp("pp2")
+    torchrun_train(run, *BASE, "parallel.pp=2", "parallel.microbatches=2", "train.save_interval=2")
+    return run
+
+
+def test_pp2_matches_single_process(pp2: Path, reference: Path) -> None:
+    _close(pp2, reference)
+    assert all(r["world_size"] == 2 for r in records(pp2))
+    step4 = pp2 / "checkpoints" / "step-00000004"
+    state = torch.load(step4 / "trainer.pt", weights_only=True)
+    assert state["layout"] == {"tp": 1, "pp": 2, "dp": 1, "world_size": 2}
+    for r in (0, 1):  # per-rank optimizer state of its own stage only
+        own = torch.load(step4 / f"trainer-rank{r:05d}.pt", weights_only=True)
+        assert own["counters"]["step"] == 4 and own["optimizer"]["state"]
+    # the gathered model.safetensors loads into a single-process model
+    model = ckpt.load_model(pp2 / "model.safetensors")
+    assert model.config.backend == "local" and len(model.stack.layers) == 2
+
+
+def test_tp2_pp2_matches_single_process(tmp_path: Path, reference: Path) -> None:
+    run = tmp_path / "run"
+    torchrun_train(run, *BASE, "parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2", nproc=4)
+    _close(run, reference)
+    assert all(r["world_size"] == 4 for r in records(run))
+
+
+def test_tp2_dp2_matches_single_process(tmp_path: Path, reference: Path) -> None:
+    """Each data-parallel replica takes one half of the batch (the reference's micro-batches)."""
+    run = tmp_path / "run"
+    torchrun_train(run, *BASE, "parallel.tp=2", nproc=4)
+    _close(run, reference)
+
+
+def test_pp2_restart_after_a_crash_resumes_exactly(tmp_path: Path, pp2: Path) -> None:
+    """Rank 1 dies before step 4; torchrun restarts both, they resume from the step-2 save."""
+    run = tmp_path / "run"
+    torchrun_train(
+        run, *BASE, "parallel.pp=2", "parallel.microbatches=2", "train.save_interval=2",
+        max_restarts=1, ILM_TEST_CRASH_AT_STEP="3",
+    )  # fmt: skip
+    assert (run / ".ilm_test_crashed").is_file()
+    assert losses(run) == losses(pp2)  # bitwise: floats compared exactly
+    a, b = ckpt.load_state(pp2 / "model.safetensors"), ckpt.load_state(run / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_at_another_layout_is_refused(tmp_path: Path, pp2: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(pp2, run)
+    out = torchrun_train(
+        run, *BASE, "parallel.tp=2", "parallel.microbatches=2", "train.max_steps=6", check=False
+    )
+    assert "was written by TP=1, PP=2, DP=1, now TP=2, PP=1, DP=1" in out, out[-3000:]
