@@ -120,3 +120,13 @@ def test_resume_at_another_layout_is_refused(tmp_path: Path, pp2: Path) -> None:
         run, *BASE, "parallel.tp=2", "parallel.microbatches=2", "train.max_steps=6", check=False
     )
     assert "was written by TP=1, PP=2, DP=1, now TP=2, PP=1, DP=1" in out, out[-3000:]
+
+
+def test_explicit_llama_pp2_matches_single_process(tmp_path: Path) -> None:
+    """An explicit model goes round the ring once per micro-batch (no solve)."""
+    extra = ("model.arch=llama", "model.implicit=false", "parallel.microbatches=2")
+    ref = tmp_path / "single"
+    train(load_config([], [*BASE, *extra, f"run_dir={ref}"]), ref, quiet=True)
+    run = tmp_path / "pp2"
+    torchrun_train(run, *BASE, *extra, "parallel.pp=2")
+    _close(run, ref)

@@ -128,9 +128,13 @@ def _check_parallel(*args: str, timeout: float = 300) -> subprocess.CompletedPro
 
 
 @pytest.mark.slow
-def test_check_parallel_cli_pp2() -> None:
-    """``check_parallel --tp 1 --pp 2 --microbatches 2 --json``: exit 0, diffs in the JSON."""
-    cfg = str(ROOT / "configs" / "models" / "implicit_mamba2_tiny.yaml")
+@pytest.mark.parametrize("name", ["implicit_mamba2_tiny", "explicit_llama_tiny"])
+def test_check_parallel_cli_pp2(name: str) -> None:
+    """``check_parallel --tp 1 --pp 2 --microbatches 2 --json``: exit 0, diffs in the JSON.
+
+    The explicit model goes round the ring once (no solve, one undamped pass).
+    """
+    cfg = str(ROOT / "configs" / "models" / f"{name}.yaml")
     proc = _check_parallel(
         "--config", cfg, "--tp", "1", "--pp", "2", "--microbatches", "2", "--json"
     )

@@ -77,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         fail(PROG, str(e))
     if args.pp > 1:
-        if not cfg.model.implicit:
-            fail(PROG, f"--pp {args.pp}: the ring schedule is for implicit models only")
         if args.pp > cfg.model.n_layers:
             fail(
                 PROG,

@@ -99,12 +99,17 @@ class PipelineStage(nn.Module):
         self.lm_head = model.lm_head if self.is_last else None
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Stage 0: ids (b, l) -> injection u (b, l, injection_size), with autograd."""
-        assert self.is_first and self.injection is not None
+        """Stage 0: ids (b, l) -> injection u (b, l, injection_size), with autograd.
+
+        Explicit models: the embedding e (b, l, d) fp32, the input of the single pass.
+        """
+        assert self.is_first
         e = upcast(self.embedding(ids))
+        if self.injection is None:
+            return e
         return self.injection(self.injection_norm(e))
 
-    def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
         """z: (b, l, d) fp32 -> this stage's layers (+ final norm on the last stage) (b, l, d)."""
         for layer in self.layers:
             z, _ = layer(z, u)
@@ -273,7 +278,8 @@ class _MB:
 
     shape: tuple[int, ...]  # z shape (b, l, d)
     zdtype: torch.dtype
-    u: torch.Tensor  # leaf (b, l, inj) that accumulates this stage's u-gradient
+    u: torch.Tensor | None  # leaf (b, l, inj) that accumulates this stage's u-gradient
+    z0: torch.Tensor | None = None  # explicit models, stage 0: the embedding leaf (b, l, d)
     # last stage: solver state
     it: int = 0
     prev: torch.Tensor | None = None
@@ -330,6 +336,9 @@ def pipeline_forward_backward(
     s_cfg = getattr(cfg, "solver", cfg) if cfg is not None else stage.solver_config
     cap = s_cfg.f_max_iter if max_iter is None else max_iter
     tol, k, lam = s_cfg.f_tol, s_cfg.phantom_steps, s_cfg.phantom_damping
+    explicit = not stage.config.implicit
+    if explicit:  # one pass of the stack: no solve, one undamped "phantom" step with autograd
+        cap, k, lam = 0, 1, 1.0
     P, rank = stage.pp_size, stage.pp_rank
     if ids_microbatches is not None and stage.is_first:
         n_microbatches = len(ids_microbatches)
@@ -340,7 +349,7 @@ def pipeline_forward_backward(
         raise ValueError(f"pp_ranks has {len(pp_ranks)} ranks for {P} stages")
     dev = stage.device
     comm = _Comm(pp_ranks if pp_ranks is not None else range(P), dev)
-    stats = PipelineStats(iters=[0] * N)
+    stats = PipelineStats(iters=[1 if explicit else 0] * N)
     vocab = stage.config.vocab_size
     if loss_fn is None:
 
@@ -363,23 +372,25 @@ def pipeline_forward_backward(
             u_graph.append(u)
             zdt = upcast(stage.embedding.weight[:1]).dtype
             shape = (*ids.shape, d)
+            inj = 0 if explicit else u.shape[-1]  # explicit: nothing to inject elsewhere
             meta = torch.tensor(
-                [i, *ids.shape, u.shape[-1], _DTYPES.index(u.dtype), _DTYPES.index(zdt)],
-                device=dev,
+                [i, *ids.shape, inj, _DTYPES.index(u.dtype), _DTYPES.index(zdt)], device=dev
             )
             for s in range(1, P):
                 comm.send(meta, s, TAG_U)
-                comm.send(u, s, TAG_U)
-            mbs[i] = _MB(shape, zdt, u.detach().requires_grad_(True))
+                if not explicit:
+                    comm.send(u, s, TAG_U)
+            leaf = u.detach().requires_grad_(True)
+            mbs[i] = _MB(shape, zdt, None, leaf) if explicit else _MB(shape, zdt, leaf)
 
     def get_mb(i: int) -> _MB:
         """Stages > 0: the cached injection of micro-batch i (received on first sight, in order)."""
         while i not in mbs:
             meta = comm.recv((6,), torch.long, 0, TAG_U)
             j, b, l_, inj, udt, zdt = (int(x) for x in meta.tolist())
-            u = comm.recv((b, l_, inj), _DTYPES[udt], 0, TAG_U)
+            u = comm.recv((b, l_, inj), _DTYPES[udt], 0, TAG_U) if inj else None
             shape = (b, l_, stage.config.d_model)
-            mbs[j] = _MB(shape, _DTYPES[zdt], u.requires_grad_(True))
+            mbs[j] = _MB(shape, _DTYPES[zdt], u.requires_grad_(True) if inj else None)
         return mbs[i]
 
     # ---------------------------------------------------------------- 2. forward ring
@@ -390,7 +401,11 @@ def pipeline_forward_backward(
 
     def stage_phantom(mb: _MB, j: int, z: torch.Tensor) -> torch.Tensor:
         # stage 0's input of step 1 is the detached z*; every other input carries a gradient
-        x = z.detach().requires_grad_(j > 1 or not stage.is_first)
+        # (explicit models: stage 0's input is the embedding leaf, whose gradient goes to e)
+        if mb.z0 is not None and z is mb.z0:
+            x = z
+        else:
+            x = z.detach().requires_grad_(j > 1 or not stage.is_first)
         with torch.enable_grad(), timer:
             out = stage(x, mb.u)
         mb.saved[j] = (x, out)
@@ -414,7 +429,7 @@ def pipeline_forward_backward(
         def start_new() -> None:
             i = pending.popleft()
             mb = mbs[i]
-            z0 = torch.zeros(mb.shape, dtype=mb.zdtype, device=dev)
+            z0 = mb.z0 if mb.z0 is not None else torch.zeros(mb.shape, dtype=mb.zdtype, device=dev)
             start(i, K_SOLVE if cap > 0 else K_PHANTOM, 1, z0)
 
         while pending and len(ring) < M:
@@ -492,11 +507,19 @@ def pipeline_forward_backward(
         for i in range(N):
             mb = mbs[i]
             it = mb.it
+            b = mb.shape[0]
+            if explicit:  # as the single-process model: one evaluation, nothing to converge
+                one, zero = torch.ones(b, dtype=torch.long, device=dev), torch.zeros(b, device=dev)
+                stats.solver.append(SolverStats(1, zero, one, 1.0, "explicit"))
+                losses.append(mb.loss.detach())
+                if keep_logits:
+                    stats.logits.append(mb.logits)
+                continue
             if cap > 0:
                 res, si = mb.best_res, mb.sample_iters.clamp(max=it)
             else:
-                res = torch.full((mb.shape[0],), float("nan"), device=dev)
-                si = torch.zeros(mb.shape[0], dtype=torch.long, device=dev)
+                res = torch.full((b,), float("nan"), device=dev)
+                si = torch.zeros(b, dtype=torch.long, device=dev)
             stats.solver.append(SolverStats(it, res, si, tol, "train"))
             losses.append(mb.loss.detach())
             if keep_logits:
@@ -572,11 +595,15 @@ def pipeline_forward_backward(
     if stage.is_first:
         for i in range(N):
             mb = mbs[i]
+            if explicit:  # the embedding's gradient arrived through stage 0's input
+                gz = mb.z0.grad
+                back(u_graph[i], gz if gz is not None else torch.zeros_like(mb.z0))
+                continue
             gu = mb.u.grad if mb.u.grad is not None else torch.zeros_like(mb.u)
             for s in range(1, P):
                 gu = gu + comm.recv(mb.u.shape, mb.u.dtype, s, TAG_UGRAD)
             back(u_graph[i], gu)
-    else:
+    elif not explicit:
         for i in range(N):
             mb = mbs[i]
             comm.send(mb.u.grad if mb.u.grad is not None else torch.zeros_like(mb.u), 0, TAG_UGRAD)

@@ -597,11 +597,6 @@ class ParallelEngine(_DistributedBase):
         if self.pp > 1:
             from ilm_megatron.parallel.pipeline import split_model_into_stages
 
-            if not cfg.model.implicit:
-                raise NotImplementedError(
-                    "parallel.pp > 1 runs the ring schedule of implicit models; an explicit model "
-                    f"(model.implicit=false) needs parallel.pp=1, got parallel.pp={self.pp}"
-                )
             self.stage = split_model_into_stages(self.model, self.pp_rank, self.pp)
             params = list(self.stage.parameters())
             self.pp_ranks = pp_global_ranks()
