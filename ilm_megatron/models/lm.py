@@ -112,6 +112,22 @@ class ImplicitLM(nn.Module):
         """``F(., u)`` as a one-argument callable for the solvers."""
         return lambda z: self.stack(z, u)[0]
 
+    def sharded_state_dict(
+        self,
+        prefix: str = "",
+        sharded_offsets: tuple = (),
+        metadata: dict | None = None,
+        stage: nn.Module | None = None,
+    ) -> dict[str, Any]:
+        """Megatron ``ShardedStateDict`` for ``dist_checkpointing.save/load`` (any TP/PP size).
+
+        Keys are the single-process state-dict names; packed tensors are split per component.
+        Under PP pass this rank's ``stage``. See :mod:`ilm_megatron.parallel.dist_checkpoint`.
+        """
+        from ilm_megatron.parallel.dist_checkpoint import sharded_state_dict
+
+        return sharded_state_dict(self, prefix, sharded_offsets, metadata, stage)
+
     def eval_max_iter(self) -> int:
         s = self.solver_config
         return int(math.ceil(s.eval_max_iter_mult * s.f_max_iter))
