@@ -82,6 +82,74 @@ def new_optimizer(params: Sequence[nn.Parameter] | Any, cfg: Config) -> torch.op
     return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
 
 
+OPTIMIZER_FILE = "optimizer.pt"  # AdamW state of the whole model by parameter name
+
+
+def adamw_state_by_name(
+    opt: torch.optim.Optimizer, named: Sequence[tuple[str, nn.Parameter]]
+) -> dict[str, dict[str, torch.Tensor | float]]:
+    """This rank's AdamW moments keyed by parameter name: ``{"exp_avg": {name: t}, ...}``.
+
+    Parameters without state (never updated) are left out; the tensors are the local shards.
+    """
+    out: dict[str, dict] = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+    for name, p in named:
+        st = opt.state.get(p)
+        if not st:
+            continue
+        out["exp_avg"][name] = st["exp_avg"]
+        out["exp_avg_sq"][name] = st["exp_avg_sq"]
+        out["step"][name] = float(st["step"])
+    return out
+
+
+def load_adamw_state_by_name(
+    opt: torch.optim.Optimizer,
+    named: Sequence[tuple[str, nn.Parameter]],
+    full: dict[str, dict],
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> None:
+    """Set AdamW's state of ``named`` from a whole-model, by-name state (any layout it came from).
+
+    A TP-sharded parameter takes its shard of each moment (the same split as the weights), a
+    replicated one the whole tensor. Raises ValueError naming a parameter whose moment has another
+    shape than the whole parameter.
+    """
+    from ilm_megatron.parallel.checkpoint import shard_tensor
+    from ilm_megatron.parallel.tensor_parallel import get_tp_layout
+
+    for name, p in named:
+        if name not in full["exp_avg"]:
+            continue
+        lay = get_tp_layout(p)
+        st: dict[str, torch.Tensor] = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = full[key][name]
+            if lay is not None and tp_size > 1:
+                t = shard_tensor(t, lay[0], lay[1], tp_rank, tp_size)
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"optimizer state {key} of {name} has shape {tuple(t.shape)}, "
+                    f"parameter has {tuple(p.shape)}"
+                )
+            st[key] = t.to(device=p.device, dtype=p.dtype).clone()
+        st["step"] = torch.tensor(full["step"][name], dtype=torch.float32)
+        opt.state[p] = st
+
+
+def adamw_state_from_single_process(model: nn.Module, opt_state: dict) -> dict[str, dict]:
+    """Convert a single-process ``AdamW.state_dict()`` (indexed by parameter order) to by-name."""
+    names = [n for n, _ in model.named_parameters()]
+    out: dict[str, dict] = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+    for idx, st in opt_state["state"].items():
+        name = names[int(idx)]
+        out["exp_avg"][name] = st["exp_avg"]
+        out["exp_avg_sq"][name] = st["exp_avg_sq"]
+        out["step"][name] = float(st["step"])
+    return out
+
+
 @dataclass
 class StepOutput:
     """One optimizer step as seen by the loop (the same on every rank).
@@ -197,20 +265,27 @@ class LocalEngine(Engine):
     def setup(self, data: Any, latest: Path | None) -> dict | None:
         if latest is None:
             return None
-        if not (latest / "trainer.pt").is_file() or (latest / "trainer-rank00000.pt").is_file():
-            raise ValueError(
-                f"{latest} was written by a multi-process trainer (ZeRO, TP or PP): resume it "
-                "with the same parallel settings and number of processes"
-            )
-        load_model(latest / "model.safetensors", self.model)
-        state = torch.load(latest / "trainer.pt", weights_only=True)
-        if "optimizer" not in state:
+        if (latest / "mp_rank_00_model_states.pt").is_file():
             raise ValueError(
                 f"{latest} was written by the DeepSpeed trainer (ZeRO / several processes): "
                 "resume it with the same parallel.zero_stage and number of processes"
             )
-        self.opt.load_state_dict(state["optimizer"])
-        return state
+        load_model(latest / "model.safetensors", self.model)
+        state = torch.load(latest / "trainer.pt", weights_only=True)
+        if "optimizer" in state:
+            self.opt.load_state_dict(state["optimizer"])
+            return state
+        # written by the TP/PP trainer: whole-model AdamW state by name
+        saved = state.get("layout", {})
+        if saved.get("dp", 1) != 1 and self.cfg.data.task != "word_problem":
+            raise ValueError(
+                f"{latest} was written with DP={saved['dp']}: the {self.cfg.data.task} data "
+                "position is per data-parallel rank, so it cannot resume in one process"
+            )
+        full = torch.load(latest / OPTIMIZER_FILE, weights_only=True)
+        load_adamw_state_by_name(self.opt, list(self.model.named_parameters()), full)
+        was = f"TP={saved.get('tp')}, PP={saved.get('pp')}, DP={saved.get('dp')}"
+        return {**state, "resumed_from": f" (written by {was})"}
 
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
@@ -601,6 +676,8 @@ class ParallelEngine(_DistributedBase):
             params = list(self.stage.parameters())
             self.pp_ranks = pp_global_ranks()
         self.params = params
+        owned = {id(p) for p in params}
+        self.named = [(n, p) for n, p in self.model.named_parameters() if id(p) in owned]
         self.opt = new_optimizer(params, cfg)
         self.is_last_stage = self.pp_rank == self.pp - 1
         # parameters whose gradient enters the global norm on this rank: every TP shard, a
@@ -778,18 +855,52 @@ class ParallelEngine(_DistributedBase):
     def _layout(self) -> dict[str, int]:
         return {"tp": self.tp, "pp": self.pp, "dp": self.dp_size, "world_size": self.world_size}
 
+    def _gather_named(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Whole-model tensors named like parameters, from this stage's local shards, on rank 0.
+
+        Collective: the TP shards are joined inside each stage, then the first data-parallel
+        replica's stages send theirs to rank 0 over the pipeline group.
+        """
+        from ilm_megatron.parallel.checkpoint import gather_tensors
+
+        if self.dp_rank != 0:
+            return None
+        mine = {k: v.cpu() for k, v in gather_tensors(self.model, tensors).items()}
+        if self.pp == 1:
+            return mine if self.is_rank0 else None
+        if self.tp_rank != 0:
+            return None
+        parts: list[Any] | None = [None] * self.pp if self.is_rank0 else None
+        group = self.ps.get_pipeline_model_parallel_group()
+        torch.distributed.gather_object(mine, parts, dst=self.pp_ranks[0], group=group)
+        if parts is None:
+            return None
+        out: dict[str, torch.Tensor] = {}
+        for part in parts:  # a tied embedding comes from two stages, identical
+            for k, v in part.items():
+                out.setdefault(k, v)
+        return out
+
     def save(self, ckpt_root: Path, state: dict) -> Path:
+        """``model.safetensors`` and ``optimizer.pt`` hold the whole model (layout-free, rank 0);
+        ``trainer-rankRRRRR.pt`` keeps each rank's data position (it differs per DP rank)."""
         state = {**state, "layout": self._layout()}
         sd = self.full_state_dict()
+        local = adamw_state_by_name(self.opt, self.named)
+        moments = {key: self._gather_named(local[key]) for key in ("exp_avg", "exp_avg_sq")}
+        steps: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(steps, local["step"])
 
         def write_all(tmp: Path) -> None:
-            own = {**state, "optimizer": self.opt.state_dict()}
+            own = {**state, "dp_rank": self.dp_rank}
             torch.save(own, tmp / f"trainer-rank{self.rank:05d}.pt")
 
         def write_rank0(tmp: Path) -> None:
             if self.is_rank0:
                 save_state_dict(sd, self.save_cfg, tmp / "model.safetensors")
-                torch.save(state, tmp / "trainer.pt")
+                step = {k: v for part in steps for k, v in part.items()}
+                torch.save({**moments, "step": step}, tmp / OPTIMIZER_FILE)
+                torch.save({**state, "dp_rank": 0}, tmp / "trainer.pt")
 
         step = state["counters"]["step"]
         return save_distributed_checkpoint(
@@ -797,32 +908,55 @@ class ParallelEngine(_DistributedBase):
         )
 
     def setup(self, data: Any, latest: Path | None) -> dict | None:
+        """Resume at this or any other TP/PP/DP layout, or from a single-process checkpoint.
+
+        The weights and AdamW moments are stored whole and re-sharded here. The data position:
+        at the same data-parallel size each rank takes the state saved by its DP rank (exact
+        resume); at another size only the word problem (one global batch stream) can continue.
+        """
         from ilm_megatron.parallel.checkpoint import load_full_state_dict
 
         if latest is None:
             return None
-        own = latest / f"trainer-rank{self.rank:05d}.pt"
-        shared = torch.load(latest / "trainer.pt", weights_only=True)
-        saved = shared.get("layout")
-        if saved != self._layout():
-            what = (
-                f"TP={saved['tp']}, PP={saved['pp']}, DP={saved['dp']}"
-                if saved
-                else "the single-process or DeepSpeed trainer"
-            )
+        if (latest / "mp_rank_00_model_states.pt").is_file():
             raise ValueError(
-                f"{latest} was written by {what}, now {self.name}: the optimizer state is per "
-                "rank, so resume with the same layout (model.safetensors itself loads at any "
-                "layout and in one process)"
-                if saved
-                else f"{latest} was written by {what}, now {self.name}: resume it with the "
-                "settings it was written with"
+                f"{latest} was written by the DeepSpeed trainer (ZeRO): resume it with "
+                "parallel.tp=1 parallel.pp=1 and the same parallel.zero_stage"
+            )
+        shared = torch.load(latest / "trainer.pt", weights_only=True)
+        saved = shared.get("layout") or {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
+        was = f"TP={saved['tp']}, PP={saved['pp']}, DP={saved['dp']}"
+        if saved["dp"] == self.dp_size:
+            state = _state_of_dp_rank(latest, self.dp_rank, shared)
+        elif self.cfg.data.task == "word_problem":
+            state = shared
+        else:
+            raise ValueError(
+                f"{latest} was written by {was}, now {self.name}: the {self.cfg.data.task} data "
+                f"position is per data-parallel rank, so resume with DP={saved['dp']} "
+                "(tensor and pipeline sizes may change)"
             )
         check_architecture(latest / "model.safetensors", self.cfg.model)
         load_full_state_dict(self.model, load_state(latest / "model.safetensors"))
-        state = torch.load(own, weights_only=True)
-        self.opt.load_state_dict(state.pop("optimizer"))
+        if (latest / OPTIMIZER_FILE).is_file():
+            full = torch.load(latest / OPTIMIZER_FILE, weights_only=True)
+        else:  # a single-process checkpoint: AdamW state by parameter index
+            full = adamw_state_from_single_process(self.model, shared["optimizer"])
+        load_adamw_state_by_name(self.opt, self.named, full, self.tp_rank, self.tp)
+        if saved != self._layout():
+            state = {**state, "resumed_from": f" (written by {was})"}
         return state
+
+
+def _state_of_dp_rank(latest: Path, dp_rank: int, shared: dict) -> dict:
+    """The trainer state saved by data-parallel rank ``dp_rank`` (``trainer.pt`` for rank 0)."""
+    if dp_rank == 0:
+        return shared
+    for path in sorted(latest.glob("trainer-rank*.pt")):
+        state = torch.load(path, weights_only=True)
+        if state.get("dp_rank") == dp_rank:
+            return state
+    raise ValueError(f"{latest} has no trainer state for data-parallel rank {dp_rank}")
 
 
 def build_engine(cfg: Config) -> Engine:
