@@ -160,11 +160,10 @@ def compare_parallel(
 
     # the parallel run
     stage = None
-    if pp == 1:
-        lg_par, loss_par, it_par, sit_par = _train_single(par, xs, ys, scale)
-    else:
-        stage = split_model_into_stages(par, s_idx, pp)
-        losses, stats = pipeline_forward_backward(
+
+    def ring(backward: bool) -> tuple[list[torch.Tensor], Any]:
+        """The micro-batches round the ring (with their backward), logits kept."""
+        return pipeline_forward_backward(
             stage,
             xs if stage.is_first else None,
             ys if stage.is_last else None,
@@ -173,8 +172,15 @@ def compare_parallel(
             in_flight=in_flight,
             pp_ranks=pp_global_ranks(),
             loss_scale=scale,
+            backward=backward,
             keep_logits=True,
         )
+
+    if pp == 1:
+        lg_par, loss_par, it_par, sit_par = _train_single(par, xs, ys, scale)
+    else:
+        stage = split_model_into_stages(par, s_idx, pp)
+        losses, stats = ring(backward=True)
         it_par = list(stats.iters)
         lg_par, loss_par, sit_par = [], [], []
         if stage.is_last:
@@ -209,18 +215,7 @@ def compare_parallel(
     if pp == 1:
         lg_step = _train_single(par, xs, ys, scale, backward=False)[0]
     else:
-        _, stats = pipeline_forward_backward(
-            stage,
-            xs if stage.is_first else None,
-            ys if stage.is_last else None,
-            cfg.solver,
-            n_microbatches=n_mb,
-            in_flight=in_flight,
-            pp_ranks=pp_global_ranks(),
-            backward=False,
-            keep_logits=True,
-        )
-        lg_step = stats.logits
+        lg_step = ring(backward=False)[1].logits
     save_checkpoint(par, ckpt_path, stage=stage)
     ckpt_diff = 0.0
     if has_logits:

@@ -190,7 +190,7 @@ class Engine:
     @property
     def solver_config(self) -> SolverConfig:
         """The solver config the model reads at every step (the curriculum mutates it)."""
-        raise NotImplementedError
+        return self.module.solver_config
 
     def describe(self) -> str:
         """Layout for the start-up line, e.g. ``"4 x cpu (TP=2, PP=2, DP=1)"``."""
@@ -204,7 +204,9 @@ class Engine:
         raise NotImplementedError
 
     def set_lr(self, lr: float) -> None:
-        raise NotImplementedError
+        """Learning rate of every parameter group for the next step."""
+        for group in self.opt.param_groups:  # type: ignore[attr-defined]
+            group["lr"] = lr
 
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, stop: bool, hook: Callable
@@ -215,20 +217,25 @@ class Engine:
         """
         raise NotImplementedError
 
+    @property
+    def module(self) -> ImplicitLM:
+        """The model this rank trains (whole for one process and DeepSpeed, sharded for TP/PP)."""
+        return self.model  # type: ignore[attr-defined]
+
     def n_params(self) -> int:
         """Parameters of the whole (unsharded) model."""
-        raise NotImplementedError
+        return sum(p.numel() for p in self.module.parameters())
 
     def flops_model(self) -> nn.Module:
         """A module with the whole model's parameter shapes (for the FLOP count)."""
-        raise NotImplementedError
+        return self.module
 
     def eval_model(self) -> ImplicitLM | None:
         """A full single-process model with the current weights on rank 0, None elsewhere.
 
         Collective.
         """
-        raise NotImplementedError
+        return self.module if self.is_rank0 else None
 
     def save(self, ckpt_root: Path, state: dict) -> Path:
         """Write a training checkpoint of step ``state["counters"]["step"]``. Collective."""
@@ -258,10 +265,6 @@ class LocalEngine(Engine):
         self.model.train()
         self.opt = new_optimizer(self.model.parameters(), cfg)
 
-    @property
-    def solver_config(self) -> SolverConfig:
-        return self.model.solver_config
-
     def setup(self, data: Any, latest: Path | None) -> dict | None:
         if latest is None:
             return None
@@ -286,10 +289,6 @@ class LocalEngine(Engine):
         load_adamw_state_by_name(self.opt, list(self.model.named_parameters()), full)
         was = f"TP={saved.get('tp')}, PP={saved.get('pp')}, DP={saved.get('dp')}"
         return {**state, "resumed_from": f" (written by {was})"}
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
 
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, stop: bool, hook: Callable
@@ -325,15 +324,6 @@ class LocalEngine(Engine):
             merge_stats(stats),
             stop,
         )
-
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def flops_model(self) -> nn.Module:
-        return self.model
-
-    def eval_model(self) -> ImplicitLM:
-        return self.model
 
     def save(self, ckpt_root: Path, state: dict) -> Path:
         state = {"optimizer": self.opt.state_dict(), **state}
@@ -440,10 +430,6 @@ class DeepSpeedEngine(_DistributedBase):
     @property
     def module(self) -> ImplicitLM:
         return self.engine.module if self.engine is not None else self.model
-
-    @property
-    def solver_config(self) -> SolverConfig:
-        return self.module.solver_config
 
     def setup(self, data: Any, latest: Path | None) -> dict | None:
         import deepspeed
@@ -598,15 +584,6 @@ class DeepSpeedEngine(_DistributedBase):
             stop_any,
         )
 
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
-
-    def flops_model(self) -> nn.Module:
-        return self.module
-
-    def eval_model(self) -> ImplicitLM | None:
-        return self.module if self.is_rank0 else None
-
     def save(self, ckpt_root: Path, state: dict) -> Path:
         state = {**state, "world_size": self.world_size}
         step = state["counters"]["step"]
@@ -698,15 +675,7 @@ class ParallelEngine(_DistributedBase):
         mb = self.cfg.parallel.microbatches
         return f"{self.world_size} x {self.device} ({self.name}, {mb} microbatch(es))"
 
-    @property
-    def solver_config(self) -> SolverConfig:
-        return self.model.solver_config
-
     # ----------------------------------------------------------------- step
-    def set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, stop: bool, hook: Callable
     ) -> StepOutput:
