@@ -236,6 +236,9 @@ class TrainConfig:
     eval_batches: int = 4
     seed: int = 1234
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    # compute precision of training steps: "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
+    # (bf16 autocast with fp32 weights and optimizer; the DeepSpeed engine: its bf16 mode)
+    precision: str = "auto"
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     # checkpoints (run_dir/checkpoints/step-NNNNNNNN, "latest" pointer written last)
     save_interval: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGINT)
@@ -271,6 +274,12 @@ class TrainConfig:
             _check(getattr(self, k) > 0, s, k, f"must be > 0, got {getattr(self, k)}")
         _check(self.lr > 0, s, "lr", f"must be > 0, got {self.lr}")
         _check(self.device in ("auto", "cpu", "cuda"), s, "device", f"unknown {self.device!r}")
+        _check(
+            self.precision in ("auto", "fp32", "bf16"),
+            s,
+            "precision",
+            f"must be 'auto', 'fp32' or 'bf16', got {self.precision!r}",
+        )
 
 
 @dataclass

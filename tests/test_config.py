@@ -100,6 +100,8 @@ def test_invalid_values_name_the_key():
         load_config([], ["model.arch=rwkv"])
     with pytest.raises(ConfigError, match="vocab_size"):
         load_config([], ["model.vocab_size=4"])  # S3 has 6 symbols
+    with pytest.raises(ConfigError, match="train.precision: must be 'auto', 'fp32' or 'bf16'"):
+        load_config([], ["train.precision=fp16"])
 
 
 def test_missing_file():

@@ -164,3 +164,20 @@ def test_explicit_llama_pp2_matches_single_process(tmp_path: Path) -> None:
     run = tmp_path / "pp2"
     torchrun_train(run, *BASE, *extra, "parallel.pp=2")
     _close(run, ref)
+
+
+def test_bf16_autocast_pp2_matches_single_process_bf16(tmp_path: Path, reference: Path) -> None:
+    """``train.precision=bf16``: autocast in one process and around the ring alike."""
+    extra = ("parallel.microbatches=2", "train.precision=bf16")
+    one = tmp_path / "one"
+    train(load_config([], [*BASE, *extra, f"run_dir={one}"]), one, quiet=True)
+    fp32, bf16 = losses(reference), losses(one)
+    assert fp32 != bf16  # autocast did change the arithmetic ...
+    assert all(bf16[s] == pytest.approx(fp32[s], rel=1e-3) for s in fp32)  # ... only slightly
+    run = tmp_path / "pp2"
+    torchrun_train(run, *BASE, *extra, "parallel.pp=2")
+    got = records(run)
+    for ra, rb in zip(records(one), got):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3), (rb["step"], rb, ra)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-2), rb["step"]
+    assert len(got) == 4

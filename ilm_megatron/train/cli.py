@@ -28,7 +28,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )
     p.add_argument("overrides", nargs="*", help="key=value overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may come between overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -214,8 +214,17 @@ def teardown() -> None:
 
 
 def deepspeed_config(cfg: Config, ctx: DistContext) -> dict[str, Any]:
-    """DeepSpeed config: ZeRO stage, batch split, clipping; bf16 (fp32 master weights) on GPU."""
+    """DeepSpeed config: ZeRO stage, batch split, clipping; bf16 with fp32 master weights when
+    ``train.precision`` resolves to bf16 (``auto`` on GPU)."""
+    from ilm_megatron.train.engines import use_bf16
+
     par, t = cfg.parallel, cfg.train
+    bf16 = use_bf16(cfg, ctx.device)
+    if bf16 and ctx.device.type != "cuda":
+        raise ValueError(
+            "train.precision=bf16 with the DeepSpeed engine needs CUDA (DeepSpeed's bf16 mode); "
+            "on CPU use train.precision=fp32, or the single-process / TP/PP engines (autocast)"
+        )
     per_rank = t.batch_size // ctx.dp_size
     if t.batch_size % ctx.dp_size or per_rank % par.microbatches:
         raise ValueError(
@@ -229,7 +238,7 @@ def deepspeed_config(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         "zero_optimization": {"stage": par.zero_stage},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": float(t.clip_grad or 0.0),
-        "bf16": {"enabled": ctx.device.type == "cuda"},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

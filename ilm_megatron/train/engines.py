@@ -22,6 +22,7 @@ data-parallel replica), so the loop's logging and stopping logic never branch on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -80,6 +81,12 @@ def new_optimizer(params: Sequence[nn.Parameter] | Any, cfg: Config) -> torch.op
     """AdamW with the ``train`` section's hyper-parameters."""
     t = cfg.train
     return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    """Whether training steps run in bf16 (``train.precision``; ``auto``: on CUDA only)."""
+    p = cfg.train.precision
+    return p == "bf16" or (p == "auto" and device.type == "cuda")
 
 
 OPTIMIZER_FILE = "optimizer.pt"  # AdamW state of the whole model by parameter name
@@ -182,6 +189,13 @@ class Engine:
         self.cfg = cfg
         self.device = device
         self.vocab = cfg.model.vocab_size
+        self.bf16 = use_bf16(cfg, device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast around a step's forward (fp32 weights, gradients and optimizer)."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @property
     def is_rank0(self) -> bool:
@@ -298,8 +312,9 @@ class LocalEngine(Engine):
         losses, accs, stats = [], [], []
         finite = True
         for xc, yc in zip(x.chunk(mb), y.chunk(mb)):
-            out = self.model(xc)
-            loss = hook(token_loss(out.logits, yc, self.vocab))
+            with self.autocast():
+                out = self.model(xc)
+                loss = hook(token_loss(out.logits, yc, self.vocab))
             losses.append(loss.item())
             accs.append(token_accuracy(out.logits, yc, self.vocab))
             stats.append(out.stats)
@@ -688,8 +703,9 @@ class ParallelEngine(_DistributedBase):
         reports = self.is_last_stage and self.tp_rank == 0  # one reporter per DP replica
         if self.stage is None:
             for xc, yc in zip(xs, ys):
-                out = self.model(xc)
-                loss = hook(token_loss(out.logits, yc, self.vocab))
+                with self.autocast():
+                    out = self.model(xc)
+                    loss = hook(token_loss(out.logits, yc, self.vocab))
                 losses.append(loss.item())
                 accs.append(token_accuracy(out.logits, yc, self.vocab))
                 stats.append(out.stats)
@@ -703,17 +719,18 @@ class ParallelEngine(_DistributedBase):
                 accs.append(token_accuracy(logits, targets, self.vocab))
                 return loss
 
-            _, pstats = pipeline_forward_backward(
-                self.stage,
-                xs if self.pp_rank == 0 else None,
-                ys if self.is_last_stage else None,
-                self.model.solver_config,
-                n_microbatches=mb,
-                in_flight=mb,
-                pp_ranks=self.pp_ranks,
-                loss_fn=loss_fn,
-                loss_scale=1.0 / mb,
-            )
+            with self.autocast():
+                _, pstats = pipeline_forward_backward(
+                    self.stage,
+                    xs if self.pp_rank == 0 else None,
+                    ys if self.is_last_stage else None,
+                    self.model.solver_config,
+                    n_microbatches=mb,
+                    in_flight=mb,
+                    pp_ranks=self.pp_ranks,
+                    loss_fn=loss_fn,
+                    loss_scale=1.0 / mb,
+                )
             stats = pstats.solver
         self._reduce_data_parallel()
         gnorm = self._global_grad_norm()
