@@ -452,6 +452,8 @@ def _validate_tensor_parallel(cfg: Config) -> None:
         dims = {"nheads": m.d_inner // m.headdim, "ngroups": m.ngroups}
     else:
         dims = {"n_heads": m.n_heads, "ffn_size": m.ffn_size}
+    # the vocabulary is split over TP too (embedding rows, LM head columns)
+    dims["padded vocabulary"] = m.padded_vocab_size
     for name, n in dims.items():
         _check(
             n % tp == 0,

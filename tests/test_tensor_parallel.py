@@ -33,6 +33,7 @@ def test_tp2_matches_single_process(tmp_path, arch: str, overrides: tuple[str, .
     run_workers(compare_with_single_process, 2, cfg, 1234, str(res_path), str(ckpt))
     r = json.loads(res_path.read_text())
     assert r["tp"] == 2
+    assert r["embedding_rows_per_rank"] == cfg.model.padded_vocab_size // 2  # vocab-parallel
     assert r["grad_name_mismatch"] == []
     assert r["max_abs_logit_diff"] < TOL, r
     assert r["loss_diff"] < TOL, r
@@ -62,6 +63,8 @@ def test_tp_config_validation() -> None:
         tiny_config("mamba2", overrides=("parallel.tp=2",))
     with pytest.raises(ConfigError, match="does not divide model n_heads=4"):
         tiny_config("llama", overrides=("parallel.tp=3",))
+    with pytest.raises(ConfigError, match="does not divide model padded vocabulary=66"):
+        tiny_config("llama", overrides=("parallel.tp=4", "model.vocab_size=66"))
     assert (
         tiny_config("mamba2", overrides=("parallel.tp=2", "model.ngroups=2")).model.backend == "tp"
     )

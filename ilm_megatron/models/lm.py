@@ -30,7 +30,12 @@ from ilm_megatron.models.layers import Linear, RMSNorm
 from ilm_megatron.models.specs import get_stack_spec
 from ilm_megatron.models.stack import upcast
 from ilm_megatron.parallel.state import model_tp_size
-from ilm_megatron.parallel.tensor_parallel import set_tp_layout
+from ilm_megatron.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    set_tp_layout,
+    vocab_parallel_logits,
+)
 
 
 @dataclass
@@ -56,8 +61,13 @@ class ImplicitLM(nn.Module):
         self.config = config
         self.solver_config = solver if solver is not None else SolverConfig()
         spec = stack_spec if stack_spec is not None else get_stack_spec(config.arch, config.backend)
-        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
-        nn.init.normal_(self.embedding.weight, std=config.init_std)
+        if config.backend == "tp":  # vocabulary rows split over the TP group
+            self.embedding = VocabParallelEmbedding(
+                config.padded_vocab_size, config.d_model, config.init_std
+            )
+        else:
+            self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+            nn.init.normal_(self.embedding.weight, std=config.init_std)
         self.stack = build_module(spec, config)
         self.injection_norm: nn.Module | None = None
         self.injection: nn.Module | None = None
@@ -75,10 +85,11 @@ class ImplicitLM(nn.Module):
             )
             set_tp_layout(self.injection.weight, 0, parts)
             set_tp_layout(self.injection.bias, 0, parts)
+        head_cls = ColumnParallelLinear if config.backend == "tp" else Linear
         self.lm_head = (
             None
             if config.tie_embeddings
-            else Linear(config.d_model, config.padded_vocab_size, config=config)
+            else head_cls(config.d_model, config.padded_vocab_size, config=config)
         )
         if config.implicit and config.iterate_init_scale != 1.0:
             scale_iterate_weights(self, config.iterate_init_scale)
@@ -104,9 +115,7 @@ class ImplicitLM(nn.Module):
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         """z: (..., d) -> logits (..., padded_vocab)."""
-        if self.lm_head is not None:
-            return self.lm_head(z)
-        return F.linear(z, self.embedding.weight)
+        return lm_logits(z, self.embedding, self.lm_head)
 
     def stack_fn(self, u: torch.Tensor | None):
         """``F(., u)`` as a one-argument callable for the solvers."""
@@ -313,6 +322,18 @@ class ImplicitLM(nn.Module):
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def lm_logits(z: torch.Tensor, embedding: nn.Module, lm_head: nn.Module | None) -> torch.Tensor:
+    """The LM head: z (..., d) -> logits (..., padded_vocab), the tied embedding when no head.
+
+    Under TP the vocabulary is split (:class:`VocabParallelEmbedding`, a column-parallel head)
+    and each rank's logits slice is gathered, so every rank gets the whole logits.
+    """
+    weight = lm_head.weight if lm_head is not None else embedding.weight
+    if getattr(embedding, "tp", 1) > 1 or getattr(lm_head, "tp", 1) > 1:
+        return vocab_parallel_logits(z, weight)
+    return F.linear(z, weight) if lm_head is None else lm_head(z)
 
 
 def _explicit_stats(ids: torch.Tensor) -> SolverStats:

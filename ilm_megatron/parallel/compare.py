@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ilm_megatron.parallel.state import (
+    pipeline_ring_group,
     pp_global_ranks,
     pp_rank,
     pp_world_size,
@@ -171,6 +172,7 @@ def compare_parallel(
             n_microbatches=n_mb,
             in_flight=in_flight,
             pp_ranks=pp_global_ranks(),
+            group=pipeline_ring_group(),
             loss_scale=scale,
             backward=backward,
             keep_logits=True,
@@ -257,6 +259,8 @@ def compare_parallel(
     result = {
         "tp": tp,
         "pp": pp,
+        # rows of the embedding table on this rank (padded vocabulary / tp under TP)
+        "embedding_rows_per_rank": int(par.embedding.weight.shape[0]),
         "microbatches": n_mb,
         "in_flight": in_flight if pp > 1 else None,
         "max_abs_logit_diff": logit_d,

@@ -38,10 +38,12 @@ they stay exact whatever the iterate's dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -118,10 +120,10 @@ class PipelineStage(nn.Module):
         return z
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
-        """Last stage: z (..., d) -> logits (..., padded_vocab)."""
-        if self.lm_head is not None:
-            return self.lm_head(z)
-        return F.linear(z, self.embedding.weight)
+        """Last stage: z (..., d) -> logits (..., padded_vocab) (gathered over TP)."""
+        from ilm_megatron.models.lm import lm_logits
+
+        return lm_logits(z, self.embedding, self.lm_head)
 
     @property
     def device(self) -> torch.device:
@@ -182,27 +184,39 @@ class _Timer:
 class _Comm:
     """Point-to-point helpers: isend everything (no deadlock), time the blocking receives.
 
-    Every tensor it creates (receive buffers, messages, headers) is allocated on ``device``.
+    The messages go through ``group``, a gloo group (the ring relies on tags to keep its streams
+    apart and on sends and receives to one peer progressing independently, which gloo gives and
+    NCCL does not). With the stage on a GPU the transfers are staged through host memory: buffers
+    live on the CPU and what is received is copied to ``device``.
     """
 
-    def __init__(self, ranks: Sequence[int], device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        ranks: Sequence[int],
+        device: torch.device | str = "cpu",
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
         self.ranks = list(ranks)
         self.device = torch.device(device)
+        self.group = group
+        self.host = self.device.type != "cpu"  # stage through host memory (gloo moves CPU data)
+        self.buf_device = torch.device("cpu") if self.host else self.device
         self.pending: list[tuple[object, torch.Tensor]] = []
         self.wait = 0.0
 
     def send(self, t: torch.Tensor, stage: int, tag: int) -> None:
-        t = t.detach().contiguous()
-        self.pending.append((dist.isend(t, self.ranks[stage], tag=tag), t))
+        t = t.detach().to(self.buf_device).contiguous()
+        work = dist.isend(t, self.ranks[stage], group=self.group, tag=tag)
+        self.pending.append((work, t))
         if len(self.pending) > 64:
             self.pending = [(w, x) for w, x in self.pending if not w.is_completed()]
 
     def recv(self, shape: Sequence[int], dtype: torch.dtype, stage: int, tag: int) -> torch.Tensor:
-        t = torch.empty(tuple(shape), dtype=dtype, device=self.device)
+        t = torch.empty(tuple(shape), dtype=dtype, device=self.buf_device)
         t0 = time.perf_counter()
-        dist.recv(t, self.ranks[stage], tag=tag)
+        dist.recv(t, self.ranks[stage], group=self.group, tag=tag)
         self.wait += time.perf_counter() - t0
-        return t
+        return t.to(self.device)
 
     def flush(self) -> None:
         for w, _ in self.pending:
@@ -225,8 +239,9 @@ class _Comm:
         return buf[: self.hdr].view(torch.int32)
 
     def _post(self, stage: int, tag: int) -> None:
-        buf = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-        self.chans[(stage, tag)].append((dist.irecv(buf, self.ranks[stage], tag=tag), buf))
+        buf = torch.empty(self.numel, dtype=self.dtype, device=self.buf_device)
+        work = dist.irecv(buf, self.ranks[stage], group=self.group, tag=tag)
+        self.chans[(stage, tag)].append((work, buf))
 
     def open(self, stage: int, tag: int) -> None:
         self.chans[(stage, tag)] = deque()
@@ -243,7 +258,7 @@ class _Comm:
         flag: int = 0,
         payload: torch.Tensor | None = None,
     ) -> None:
-        buf = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        buf = torch.empty(self.numel, dtype=self.dtype, device=self.buf_device)
         self._header(buf).copy_(torch.tensor([kind, mb, step, flag], dtype=torch.int32))
         if payload is not None:
             buf[self.hdr :] = payload.detach().reshape(-1)
@@ -262,7 +277,7 @@ class _Comm:
         self.wait += time.perf_counter() - t0
         self._post(stage, tag)
         kind, mb, step, flag = (int(x) for x in self._header(buf).tolist())
-        return kind, mb, step, flag, buf[self.hdr :].view(self.shape)
+        return kind, mb, step, flag, buf[self.hdr :].view(self.shape).to(self.device)
 
     def close(self, stage: int, tag: int) -> None:
         """Consume the pads that answer the receives still posted."""
@@ -306,6 +321,8 @@ def pipeline_forward_backward(
     max_iter: int | None = None,
     backward: bool = True,
     keep_logits: bool = False,
+    autocast: Callable[[], AbstractContextManager] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[list[torch.Tensor], PipelineStats]:
     """Solve, phantom steps and backward of ``N`` micro-batches on a ring of ``P`` stages.
 
@@ -329,6 +346,11 @@ def pipeline_forward_backward(
         backward: False runs the forward ring only (solve + phantom forward, no gradients).
         keep_logits: the last stage keeps each micro-batch's detached training-mode logits
             (b, l, padded_vocab) in ``stats.logits`` (for checks; costs N logits tensors).
+        autocast: a context factory (e.g. bf16 ``torch.autocast``) entered around every forward
+            computation (embedding, stages, damping, head and loss), never around backward.
+        group: a gloo process group holding ``pp_ranks`` for the ring's messages (default: the
+            default group, which must then be gloo); with NCCL training use
+            :func:`~ilm_megatron.parallel.state.pipeline_ring_group`.
 
     Returns:
         ``(losses, stats)``: on the last stage the N detached, unscaled losses; [] elsewhere.
@@ -348,7 +370,12 @@ def pipeline_forward_backward(
     if pp_ranks is not None and len(pp_ranks) != P:
         raise ValueError(f"pp_ranks has {len(pp_ranks)} ranks for {P} stages")
     dev = stage.device
-    comm = _Comm(pp_ranks if pp_ranks is not None else range(P), dev)
+    if group is None and dist.get_backend() != "gloo":
+        raise ValueError(
+            "the ring schedule needs a gloo group for its messages under "
+            f"{dist.get_backend()}: pass group=pipeline_ring_group()"
+        )
+    comm = _Comm(pp_ranks if pp_ranks is not None else range(P), dev, group)
     stats = PipelineStats(iters=[1 if explicit else 0] * N)
     vocab = stage.config.vocab_size
     if loss_fn is None:
@@ -357,6 +384,7 @@ def pipeline_forward_backward(
             return default_loss(logits, targets, vocab)
 
     timer = _Timer()
+    amp = autocast if autocast is not None else contextlib.nullcontext  # forward compute only
 
     # ---------------------------------------------------------------- 1. injection
     mbs: dict[int, _MB] = {}
@@ -366,9 +394,8 @@ def pipeline_forward_backward(
         assert ids_microbatches is not None
         d = stage.config.d_model
         for i, ids in enumerate(ids_microbatches):
-            with torch.enable_grad():
-                with timer:
-                    u = stage.embed(ids)
+            with torch.enable_grad(), timer, amp():
+                u = stage.embed(ids)
             u_graph.append(u)
             zdt = upcast(stage.embedding.weight[:1]).dtype
             shape = (*ids.shape, d)
@@ -406,7 +433,7 @@ def pipeline_forward_backward(
             x = z
         else:
             x = z.detach().requires_grad_(j > 1 or not stage.is_first)
-        with torch.enable_grad(), timer:
+        with torch.enable_grad(), timer, amp():
             out = stage(x, mb.u)
         mb.saved[j] = (x, out)
         return out
@@ -419,7 +446,7 @@ def pipeline_forward_backward(
         def start(i: int, kind: int, step: int, z: torch.Tensor) -> None:
             mb = mbs[i]
             if kind == K_SOLVE:
-                with torch.no_grad(), timer:
+                with torch.no_grad(), timer, amp():
                     out = stage(z, mb.u)
             else:
                 out = stage_phantom(mb, step, z)
@@ -464,7 +491,7 @@ def pipeline_forward_backward(
             mb = get_mb(i)
             if kind == K_SOLVE:
                 stats.iters[i] = step
-                with torch.no_grad(), timer:
+                with torch.no_grad(), timer, amp():
                     out = stage(z, mb.u)
             else:
                 out = stage_phantom(mb, step, z)
@@ -485,14 +512,14 @@ def pipeline_forward_backward(
                 zp = zp.detach()
             else:
                 zp = mb.saved[step - 1][2].detach().requires_grad_(True)
-            with torch.enable_grad(), timer:
+            with torch.enable_grad(), timer, amp():
                 zj = out if lam == 1.0 else lam * out + (1.0 - lam) * zp
             mb.saved[step] = (*mb.saved[step], zj, zp)
             if step < k:
                 comm.put(0, TAG_RET, K_PHANTOM, i, step, 0, zj)
             else:
                 tgt = targets_microbatches[i]
-                with torch.enable_grad(), timer:
+                with torch.enable_grad(), timer, amp():
                     logits = stage.head(zj)
                     mb.loss = loss_fn(logits, tgt)
                 if keep_logits:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ilm_megatron.parallel.state import tp_group, tp_world_size
+from ilm_megatron.parallel.state import tp_group, tp_rank, tp_world_size
 
 
 def set_tp_layout(param: torch.Tensor, dim: int, parts: Sequence[int]) -> None:
@@ -78,6 +78,28 @@ def reduce_from_tp_region(x: torch.Tensor) -> torch.Tensor:
     return _ReduceFromTP.apply(x) if tp_world_size() > 1 else x
 
 
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather along the last dimension forward; this rank's slice of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(tp_world_size())]
+        dist.all_gather(parts, x, group=tp_group())
+        ctx.size = x.shape[-1]
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        r = tp_rank()
+        return g[..., r * ctx.size : (r + 1) * ctx.size].contiguous()
+
+
+def gather_from_tp_region(x: torch.Tensor) -> torch.Tensor:
+    """(..., n / tp) on each rank -> (..., n) on every rank, ranks' slices in rank order."""
+    return _GatherFromTP.apply(x) if tp_world_size() > 1 else x
+
+
 def local_parts(parts: Sequence[int], tp: int) -> list[int]:
     """Per-rank sizes of each component; every component must be divisible by ``tp``."""
     for p in parts:
@@ -124,6 +146,38 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) replicated -> (..., out_local)."""
         return F.linear(copy_to_tp_region(x), self.weight, self.bias)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by rows (vocabulary) over the TP group: rank r holds ids
+    ``[r*V/tp, (r+1)*V/tp)``. ids (b, l) -> (b, l, d), replicated (one all-reduce).
+
+    Its ``weight`` (V / tp, d) is also the tied LM head's shard (:func:`vocab_parallel_logits`).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.tp = tp_world_size()
+        (local,) = local_parts([num_embeddings], self.tp)
+        self.num_embeddings = num_embeddings
+        self.start = tp_rank() * local
+        self.end = self.start + local
+        self.weight = nn.Parameter(torch.empty(local, embedding_dim))
+        nn.init.normal_(self.weight, std=init_std)
+        set_tp_layout(self.weight, 0, [num_embeddings])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (b, l) -> embeddings (b, l, d), summed over the ranks that own them."""
+        if self.tp == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.end)
+        local = F.embedding((ids - self.start).masked_fill(outside, 0), self.weight)
+        return reduce_from_tp_region(local.masked_fill(outside.unsqueeze(-1), 0.0))
+
+
+def vocab_parallel_logits(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """z (..., d) replicated, weight (V / tp, d) this rank's vocabulary rows -> logits (..., V)."""
+    return gather_from_tp_region(F.linear(copy_to_tp_region(z), weight))
 
 
 class RowParallelLinear(nn.Module):

@@ -123,6 +123,22 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def already_saved(ckpt_root: Path, final: Path) -> bool:
+    """True when ``latest`` already names the complete folder ``final`` (the same step again).
+
+    A second save of a step (a SIGTERM right after a periodic save, the end of a run right after
+    one) is skipped: deleting the folder ``latest`` points at to rewrite it would leave no
+    loadable checkpoint if the job died in between.
+    """
+    pointer = Path(ckpt_root) / "latest"
+    return (
+        pointer.is_file()
+        and pointer.read_text().strip() == final.name
+        and (final / "model.safetensors").is_file()
+        and (final / "trainer.pt").is_file()
+    )
+
+
 def save_training_checkpoint(
     ckpt_root: Path,
     step: int,
@@ -142,11 +158,13 @@ def save_training_checkpoint(
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = _step_dir(ckpt_root, step)
+    if already_saved(ckpt_root, final):
+        return final
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         save_model(model, cfg, tmp / "model.safetensors")
         torch.save(trainer_state, tmp / "trainer.pt")
-        if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
+        if final.exists():  # a stale folder of this step that ``latest`` does not name
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:

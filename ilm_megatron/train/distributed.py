@@ -29,17 +29,30 @@ def env_world_size() -> int:
 
 
 def wants_deepspeed(cfg: Config) -> bool:
-    """True when the run needs the DeepSpeed engine: ZeRO 1/2 or several processes, TP = PP = 1."""
+    """True when the run needs the DeepSpeed engine: ZeRO 1/2 sharding (with TP = PP = 1)."""
     par = cfg.parallel
-    if par.tp > 1 or par.pp > 1:
-        return False
-    return par.zero_stage in (1, 2) or env_world_size() > 1
+    return par.tp == 1 and par.pp == 1 and par.zero_stage in (1, 2)
+
+
+def wants_process_groups(cfg: Config) -> bool:
+    """True when the run needs torch.distributed: several processes, TP, PP or ZeRO."""
+    par = cfg.parallel
+    return env_world_size() > 1 or par.tp > 1 or par.pp > 1 or par.zero_stage > 0
 
 
 def check_parallel(cfg: Config) -> None:
     """Refuse parallel settings that cannot run with this launch, naming the values."""
     par = cfg.parallel
     mp = par.tp * par.pp
+    world = env_world_size()
+    if world % mp == 0:  # every rank's share of the global batch splits into equal micro-batches
+        dp = world // mp
+        per_rank, rem = divmod(cfg.train.batch_size, dp)
+        if rem or per_rank % par.microbatches:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} must split evenly over {dp} "
+                f"data-parallel rank(s) x parallel.microbatches={par.microbatches}"
+            )
     if mp == 1:
         return
     layout = f"parallel.tp={par.tp} x parallel.pp={par.pp}"
@@ -49,7 +62,6 @@ def check_parallel(cfg: Config) -> None:
             "DeepSpeed engine, which is data parallel only; use parallel.zero_stage=0 with "
             "tensor/pipeline parallelism (gradients are averaged over the data-parallel group)"
         )
-    world = env_world_size()
     if world % mp:
         raise ValueError(
             f"{layout} needs a multiple of {mp} processes, got WORLD_SIZE={world}: launch with "
@@ -207,6 +219,9 @@ def teardown() -> None:
     """Destroy Megatron's groups and the default process group (end of a run)."""
     from megatron.core import parallel_state
 
+    from ilm_megatron.parallel.state import forget_ring_groups
+
+    forget_ring_groups()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
@@ -238,7 +253,8 @@ def deepspeed_config(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         "zero_optimization": {"stage": par.zero_stage},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": float(t.clip_grad or 0.0),
-        "bf16": {"enabled": bf16},
+        # a non-finite gradient norm skips the step in bf16 too (DeepSpeed's default, explicit)
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

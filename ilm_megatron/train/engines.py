@@ -5,19 +5,22 @@ owns the model, the optimizer, the process groups and the checkpoint layout:
 
 * :class:`LocalEngine`: one process, no ``torch.distributed``. Gradient accumulation over
   ``parallel.microbatches``.
-* :class:`DeepSpeedEngine`: data parallel with DeepSpeed ZeRO stage 0/1/2 (``tp = pp = 1``),
+* :class:`DeepSpeedEngine`: data parallel with DeepSpeed ZeRO stage 1/2 (``tp = pp = 1``),
   launched by ``torchrun`` / ``deepspeed``; resumes at another data-parallel size through
   DeepSpeed's universal checkpoint.
 * :class:`ParallelEngine`: tensor x pipeline x data parallel over Megatron-Core's process groups
-  (``parallel.tp > 1`` or ``parallel.pp > 1``; ZeRO-0). TP layers come from the ``tp`` spec
+  (several processes, ``parallel.tp > 1`` or ``parallel.pp > 1``; no ZeRO sharding: plain data
+  parallelism is this engine with ``tp = pp = 1``). TP layers come from the ``tp`` spec
   backend; PP runs the ring schedule of :mod:`ilm_megatron.parallel.pipeline`; gradients are
   averaged over the data-parallel group, the gradient norm is taken over the whole model (sharded
   parameters counted once per shard, replicated ones once) and clipping and the non-finite skip
   are decided identically on every rank.
 
-Every engine answers :meth:`Engine.train_step` with a :class:`StepOutput` that is identical on all
-ranks (loss and accuracy averaged over the global batch, the solver statistics of the first
-data-parallel replica), so the loop's logging and stopping logic never branch on the layout.
+Every engine answers :meth:`Engine.train_step` with a :class:`StepOutput` whose control fields
+(loss and accuracy averaged over the global batch, gradient norm, applied, stop) are identical on
+all ranks, so the loop's logging and stopping logic never branch on the layout. The solver
+statistics are the first data-parallel replica's (TP/PP) or each rank's own (DeepSpeed); only
+rank 0's are logged.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ilm_megatron.models.lm import ImplicitLM, build_model
 from ilm_megatron.train.checkpoint import (
     _step_dir,
     _write_text_atomic,
+    already_saved,
     check_architecture,
     load_model,
     load_state,
@@ -369,9 +373,13 @@ def save_distributed_checkpoint(
     Every rank writes its files into ``checkpoints/.step-N.tmp`` (``write_all(tmp)``), rank 0
     adds the shared ones (``write_rank0(tmp)``). After a barrier rank 0 renames the folder to
     ``step-N``, rewrites ``latest`` and prunes beyond ``keep_last``; a final barrier keeps the
-    ranks together. A job killed at any moment leaves ``latest`` on a complete checkpoint.
+    ranks together. A job killed at any moment leaves ``latest`` on a complete checkpoint. A
+    step already saved and named by ``latest`` is not written again.
     """
     final = _step_dir(ckpt_root, step)
+    done = already_saved(ckpt_root, final)
+    if engine.all_reduce_sum([float(done)])[0] == engine.world_size:
+        return final  # this step is saved and ``latest`` names it (see ``already_saved``)
     tmp = ckpt_root / f".{final.name}.tmp"
     if engine.is_rank0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -422,7 +430,7 @@ class _DistributedBase(Engine):
 
 # ---------------------------------------------------------------------------------------------
 class DeepSpeedEngine(_DistributedBase):
-    """Data parallel with DeepSpeed ZeRO 0/1/2 (``tp = pp = 1``).
+    """Data parallel with DeepSpeed ZeRO 1/2 (``tp = pp = 1``).
 
     Each data-parallel rank takes its slice of the global batch, split further into
     ``parallel.microbatches``. A non-finite loss on any rank poisons the gradients on every rank
@@ -553,14 +561,12 @@ class DeepSpeedEngine(_DistributedBase):
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, stop: bool, hook: Callable
     ) -> StepOutput:
-        mb, zero = self.cfg.parallel.microbatches, self.cfg.parallel.zero_stage
-        engine, module = self.engine, self.engine.module
+        mb = self.cfg.parallel.microbatches
+        engine = self.engine
         loss_sum = acc_sum = 0.0
         bad = stop_any = False
-        gnorm = float("nan")
-        applied = True
         stats = []
-        for i, (xc, yc) in enumerate(zip(x.chunk(mb), y.chunk(mb))):
+        for xc, yc in zip(x.chunk(mb), y.chunk(mb)):
             out = engine(xc)
             loss = hook(token_loss(out.logits, yc, self.vocab))
             acc = token_accuracy(out.logits, yc, self.vocab)
@@ -575,19 +581,13 @@ class DeepSpeedEngine(_DistributedBase):
                 bad = True
                 loss = loss * float("nan")
             engine.backward(loss)
-            if zero == 0 and i == mb - 1:  # plain DP: gradients are all-reduced now
-                params = [p for p in module.parameters() if p.grad is not None]
-                gnorm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-                if not math.isfinite(gnorm):
-                    applied = False
-                    for p in params:
-                        p.grad = None
-            engine.step()
+            engine.step()  # applies the update at the last micro-batch (accumulation boundary)
             stats.append(out.stats)
-        if zero > 0:
-            applied = engine.was_step_applied()
-            norm = engine.get_global_grad_norm()
-            gnorm = float(norm) if norm is not None else float("nan")
+        # ZeRO's overflow check skips a step with non-finite gradients (bf16 included, see
+        # deepspeed_config's check_grad_overflow) and reports it here
+        applied = engine.was_step_applied()
+        norm = engine.get_global_grad_norm()
+        gnorm = float(norm) if norm is not None else float("nan")
         finite = applied and not bad and math.isfinite(gnorm)
         n = mb * self.dp_size
         return StepOutput(
@@ -627,21 +627,20 @@ class DeepSpeedEngine(_DistributedBase):
 
 # ---------------------------------------------------------------------------------------------
 class ParallelEngine(_DistributedBase):
-    """Tensor x pipeline x data parallelism on Megatron-Core's process groups (ZeRO-0).
+    """Tensor x pipeline x data parallelism on Megatron-Core's process groups (no ZeRO).
 
-    Every rank builds the single-process model from ``train.seed`` (so a run starts from the same
-    weights whatever the layout) and keeps its tensor-parallel shard; with ``pp > 1`` it trains the
-    parameters of its pipeline stage only. Checkpoints hold the whole model gathered into one
-    ``model.safetensors`` (loadable by one process, by any layout, and by the HF exporter) and one
-    ``trainer-rankRRRRR.pt`` per rank with its optimizer state; a run resumes with the layout it was
-    saved with.
+    Every rank builds the single-process model from ``train.seed`` on the CPU (so a run starts
+    from the same weights whatever the layout) and keeps its tensor-parallel shard of the whole
+    model; with ``pp > 1`` it trains the parameters of its pipeline stage only. Checkpoints are
+    layout-free (``model.safetensors`` and ``optimizer.pt``: the whole model and its AdamW state,
+    written by rank 0), plus each rank's data position; a run resumes at any layout.
     """
 
     def __init__(self, cfg: Config) -> None:
         from megatron.core import parallel_state as ps
 
         from ilm_megatron.parallel.checkpoint import load_full_state_dict
-        from ilm_megatron.parallel.state import pp_global_ranks
+        from ilm_megatron.parallel.state import pipeline_ring_group, pp_global_ranks
 
         super().__init__(cfg)
         self.ps = ps
@@ -667,6 +666,7 @@ class ParallelEngine(_DistributedBase):
             self.stage = split_model_into_stages(self.model, self.pp_rank, self.pp)
             params = list(self.stage.parameters())
             self.pp_ranks = pp_global_ranks()
+            self.ring_group = pipeline_ring_group()  # gloo, whatever the main backend
         self.params = params
         owned = {id(p) for p in params}
         self.named = [(n, p) for n, p in self.model.named_parameters() if id(p) in owned]
@@ -719,18 +719,19 @@ class ParallelEngine(_DistributedBase):
                 accs.append(token_accuracy(logits, targets, self.vocab))
                 return loss
 
-            with self.autocast():
-                _, pstats = pipeline_forward_backward(
-                    self.stage,
-                    xs if self.pp_rank == 0 else None,
-                    ys if self.is_last_stage else None,
-                    self.model.solver_config,
-                    n_microbatches=mb,
-                    in_flight=mb,
-                    pp_ranks=self.pp_ranks,
-                    loss_fn=loss_fn,
-                    loss_scale=1.0 / mb,
-                )
+            _, pstats = pipeline_forward_backward(
+                self.stage,
+                xs if self.pp_rank == 0 else None,
+                ys if self.is_last_stage else None,
+                self.model.solver_config,
+                n_microbatches=mb,
+                in_flight=mb,
+                pp_ranks=self.pp_ranks,
+                loss_fn=loss_fn,
+                loss_scale=1.0 / mb,
+                autocast=self.autocast,  # forward compute only, never the backward
+                group=self.ring_group,
+            )
             stats = pstats.solver
         self._reduce_data_parallel()
         gnorm = self._global_grad_norm()
@@ -947,12 +948,16 @@ def _state_of_dp_rank(latest: Path, dp_rank: int, shared: dict) -> dict:
 
 def build_engine(cfg: Config) -> Engine:
     """The engine for ``cfg``'s parallel settings and the launcher's world size."""
-    from ilm_megatron.train.distributed import check_parallel, wants_deepspeed
+    from ilm_megatron.train.distributed import (
+        check_parallel,
+        wants_deepspeed,
+        wants_process_groups,
+    )
     from ilm_megatron.train.loop import resolve_device
 
     check_parallel(cfg)
-    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
-        return ParallelEngine(cfg)
     if wants_deepspeed(cfg):
         return DeepSpeedEngine(cfg)
+    if wants_process_groups(cfg):
+        return ParallelEngine(cfg)
     return LocalEngine(cfg, resolve_device(cfg.train.device))
