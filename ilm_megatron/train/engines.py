@@ -303,7 +303,7 @@ class LocalEngine(Engine):
                 f"{latest} was written with DP={saved['dp']}: the {self.cfg.data.task} data "
                 "position is per data-parallel rank, so it cannot resume in one process"
             )
-        full = torch.load(latest / OPTIMIZER_FILE, weights_only=True)
+        full = torch.load(latest / OPTIMIZER_FILE, weights_only=True, mmap=True)
         load_adamw_state_by_name(self.opt, list(self.model.named_parameters()), full)
         was = f"TP={saved.get('tp')}, PP={saved.get('pp')}, DP={saved.get('dp')}"
         return {**state, "resumed_from": f" (written by {was})"}
@@ -654,7 +654,7 @@ class ParallelEngine(_DistributedBase):
         torch.manual_seed(cfg.train.seed)
         full = build_model(self.local_cfg, cfg.solver)
         self._n_params = sum(p.numel() for p in full.parameters())
-        self.model = build_model(cfg.model, cfg.solver).to(self.device)
+        self.model = build_model(cfg.model, cfg.solver)  # on the CPU: this rank's TP shard
         load_full_state_dict(self.model, full.state_dict())
         del full
         self.model.train()
@@ -664,9 +664,14 @@ class ParallelEngine(_DistributedBase):
             from ilm_megatron.parallel.pipeline import split_model_into_stages
 
             self.stage = split_model_into_stages(self.model, self.pp_rank, self.pp)
+            # only this stage's parameters go to the device (the other stages' copies stay on
+            # the CPU, untouched), so device memory holds W / (tp * pp) of the weights
+            self.stage.to(self.device)
             params = list(self.stage.parameters())
             self.pp_ranks = pp_global_ranks()
             self.ring_group = pipeline_ring_group()  # gloo, whatever the main backend
+        else:
+            self.model.to(self.device)
         self.params = params
         owned = {id(p) for p in params}
         self.named = [(n, p) for n, p in self.model.named_parameters() if id(p) in owned]
@@ -926,7 +931,7 @@ class ParallelEngine(_DistributedBase):
         check_architecture(latest / "model.safetensors", self.cfg.model)
         load_full_state_dict(self.model, load_state(latest / "model.safetensors"))
         if (latest / OPTIMIZER_FILE).is_file():
-            full = torch.load(latest / OPTIMIZER_FILE, weights_only=True)
+            full = torch.load(latest / OPTIMIZER_FILE, weights_only=True, mmap=True)
         else:  # a single-process checkpoint: AdamW state by parameter index
             full = adamw_state_from_single_process(self.model, shared["optimizer"])
         load_adamw_state_by_name(self.opt, self.named, full, self.tp_rank, self.tp)
