@@ -195,6 +195,25 @@ class Engine:
         self.vocab = cfg.model.vocab_size
         self.bf16 = use_bf16(cfg, device)
 
+    def _microbatch_loss(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        hook: Callable,
+        losses: list[float],
+        accs: list[float],
+        stats: list[SolverStats],
+    ) -> torch.Tensor:
+        """Forward of one micro-batch x, y (b, l) under autocast -> its loss (scalar, with
+        autograd); appends the loss, the accuracy and the solver statistics to the lists."""
+        with self.autocast():
+            out = self.model(x)  # type: ignore[attr-defined]
+            loss = hook(token_loss(out.logits, y, self.vocab))
+        losses.append(loss.item())
+        accs.append(token_accuracy(out.logits, y, self.vocab))
+        stats.append(out.stats)
+        return loss
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast around a step's forward (fp32 weights, gradients and optimizer)."""
         if not self.bf16:
@@ -286,11 +305,7 @@ class LocalEngine(Engine):
     def setup(self, data: Any, latest: Path | None) -> dict | None:
         if latest is None:
             return None
-        if (latest / "mp_rank_00_model_states.pt").is_file():
-            raise ValueError(
-                f"{latest} was written by the DeepSpeed trainer (ZeRO / several processes): "
-                "resume it with the same parallel.zero_stage and number of processes"
-            )
+        _refuse_deepspeed_checkpoint(latest)
         load_model(latest / "model.safetensors", self.model)
         state = torch.load(latest / "trainer.pt", weights_only=True)
         if "optimizer" in state:
@@ -316,12 +331,7 @@ class LocalEngine(Engine):
         losses, accs, stats = [], [], []
         finite = True
         for xc, yc in zip(x.chunk(mb), y.chunk(mb)):
-            with self.autocast():
-                out = self.model(xc)
-                loss = hook(token_loss(out.logits, yc, self.vocab))
-            losses.append(loss.item())
-            accs.append(token_accuracy(out.logits, yc, self.vocab))
-            stats.append(out.stats)
+            loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats)
             if not bool(torch.isfinite(loss)):
                 finite = False  # no backward: the update is skipped
                 break
@@ -401,6 +411,15 @@ def save_distributed_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     engine.barrier()
     return final
+
+
+def _refuse_deepspeed_checkpoint(latest: Path) -> None:
+    """A DeepSpeed (ZeRO) checkpoint resumes only on the DeepSpeed engine."""
+    if (latest / "mp_rank_00_model_states.pt").is_file():
+        raise ValueError(
+            f"{latest} was written by the DeepSpeed trainer (ZeRO): resume it with "
+            "parallel.tp=1 parallel.pp=1 and the same parallel.zero_stage"
+        )
 
 
 def _saved_ranks(latest: Path) -> int:
@@ -708,12 +727,7 @@ class ParallelEngine(_DistributedBase):
         reports = self.is_last_stage and self.tp_rank == 0  # one reporter per DP replica
         if self.stage is None:
             for xc, yc in zip(xs, ys):
-                with self.autocast():
-                    out = self.model(xc)
-                    loss = hook(token_loss(out.logits, yc, self.vocab))
-                losses.append(loss.item())
-                accs.append(token_accuracy(out.logits, yc, self.vocab))
-                stats.append(out.stats)
+                loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats)
                 (loss / mb if mb > 1 else loss).backward()  # a NaN shows in the global norm
         else:
             from ilm_megatron.parallel.pipeline import pipeline_forward_backward
@@ -910,11 +924,7 @@ class ParallelEngine(_DistributedBase):
 
         if latest is None:
             return None
-        if (latest / "mp_rank_00_model_states.pt").is_file():
-            raise ValueError(
-                f"{latest} was written by the DeepSpeed trainer (ZeRO): resume it with "
-                "parallel.tp=1 parallel.pp=1 and the same parallel.zero_stage"
-            )
+        _refuse_deepspeed_checkpoint(latest)
         shared = torch.load(latest / "trainer.pt", weights_only=True)
         saved = shared.get("layout") or {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
         was = f"TP={saved['tp']}, PP={saved['pp']}, DP={saved['dp']}"
