@@ -181,3 +181,17 @@ def test_bf16_autocast_pp2_matches_single_process_bf16(tmp_path: Path, reference
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3), (rb["step"], rb, ra)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-2), rb["step"]
     assert len(got) == 4
+
+
+def test_pp2_nan_loss_on_the_last_stage_is_skipped_on_all_ranks(tmp_path: Path) -> None:
+    """A NaN loss on the last stage reaches stage 0 through the backward ring: every rank sees a
+    non-finite global norm and skips the update; the run continues with finite weights."""
+    run = tmp_path / "run"
+    torchrun_train(
+        run, *BASE, "parallel.pp=2", "parallel.microbatches=2", ILM_TEST_NAN_AT_STEPS="2,3"
+    )
+    recs = records(run)
+    assert [r["nan_skipped"] for r in recs] == [0, 1, 2, 2]
+    assert recs[1]["loss"] != recs[1]["loss"] and recs[3]["loss"] == recs[3]["loss"]
+    weights = ckpt.load_state(run / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
