@@ -195,3 +195,19 @@ def test_pp2_nan_loss_on_the_last_stage_is_skipped_on_all_ranks(tmp_path: Path) 
     assert recs[1]["loss"] != recs[1]["loss"] and recs[3]["loss"] == recs[3]["loss"]
     weights = ckpt.load_state(run / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_tp2_dp2_zero1_matches_single_process_and_resumes_in_one_process(
+    tmp_path: Path, reference: Path
+) -> None:
+    """ZeRO-1 under TP: each DP rank keeps the AdamW state of half the parameters; the curve is
+    the single-process one, and its gathered optimizer.pt continues it in one process."""
+    run = tmp_path / "zero1"
+    torchrun_train(
+        run, *BASE, "parallel.tp=2", "parallel.zero_stage=1", "train.save_interval=2", nproc=4
+    )
+    _close(run, reference)
+    one = _rewind_to_step2(run, tmp_path / "one")
+    cfg = load_config([], [*BASE, f"run_dir={one}", "parallel.microbatches=2"])
+    train(cfg, one, quiet=True)
+    _close(one, reference)

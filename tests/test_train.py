@@ -69,8 +69,8 @@ def test_periodic_validation_and_parallel_keys_refused(tmp_path):
     assert all("val_acc_all" in rec and "val_iters_mean" in rec for rec in res.history)
     with pytest.raises(ValueError, match="parallel.pp=2 needs a multiple of 2 processes"):
         train(load_config([], ["parallel.pp=2"]), tmp_path / "pp", quiet=True)
-    with pytest.raises(NotImplementedError, match="parallel.zero_stage=1 with parallel.tp=1 x"):
-        train(load_config([], ["parallel.pp=2", "parallel.zero_stage=1"]), tmp_path, quiet=True)
+    with pytest.raises(NotImplementedError, match="parallel.zero_stage=2 with parallel.tp=1 x"):
+        train(load_config([], ["parallel.pp=2", "parallel.zero_stage=2"]), tmp_path, quiet=True)
     with pytest.raises(ValueError, match=r"train.batch_size=10 must split evenly over 1 data"):
         train(load_config([], ["train.batch_size=10", "parallel.microbatches=4"]), tmp_path)
 

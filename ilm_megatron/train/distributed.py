@@ -56,11 +56,12 @@ def check_parallel(cfg: Config) -> None:
     if mp == 1:
         return
     layout = f"parallel.tp={par.tp} x parallel.pp={par.pp}"
-    if par.zero_stage > 0:
+    if par.zero_stage > 1:
         raise NotImplementedError(
-            f"parallel.zero_stage={par.zero_stage} with {layout}: ZeRO sharding runs on the "
-            "DeepSpeed engine, which is data parallel only; use parallel.zero_stage=0 with "
-            "tensor/pipeline parallelism (gradients are averaged over the data-parallel group)"
+            f"parallel.zero_stage={par.zero_stage} with {layout}: with tensor/pipeline "
+            "parallelism the optimizer state can be sharded over the data-parallel group "
+            "(parallel.zero_stage=1), the gradients cannot (ZeRO-2 runs on the DeepSpeed engine, "
+            "which is data parallel only)"
         )
     if world % mp:
         raise ValueError(

@@ -127,9 +127,21 @@ def load_adamw_state_by_name(
     replicated one the whole tensor. Raises ValueError naming a parameter whose moment has another
     shape than the whole parameter.
     """
+    for p, st in local_adamw_state(named, full, tp_rank, tp_size).values():
+        opt.state[p] = st
+
+
+def local_adamw_state(
+    named: Sequence[tuple[str, nn.Parameter]],
+    full: dict[str, dict],
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> dict[str, tuple[nn.Parameter, dict[str, torch.Tensor]]]:
+    """``{name: (parameter, AdamW state)}`` of ``named`` cut from a whole-model by-name state."""
     from ilm_megatron.parallel.checkpoint import shard_tensor
     from ilm_megatron.parallel.tensor_parallel import get_tp_layout
 
+    out = {}
     for name, p in named:
         if name not in full["exp_avg"]:
             continue
@@ -146,7 +158,101 @@ def load_adamw_state_by_name(
                 )
             st[key] = t.to(device=p.device, dtype=p.dtype).clone()
         st["step"] = torch.tensor(full["step"][name], dtype=torch.float32)
-        opt.state[p] = st
+        out[name] = (p, st)
+    return out
+
+
+class ShardedAdamW:
+    """ZeRO-1 over the data-parallel group: each DP rank owns the AdamW state of one contiguous
+    slice of the flattened parameters (its fp32 master copy and both moments, 1/DP of the
+    optimizer memory); after each step the updated slices are all-gathered into the parameters.
+
+    Gradients must already be averaged over the group (they are whole on every DP rank), so the
+    update equals plain AdamW's elementwise. Exposes ``param_groups``, ``step`` and ``zero_grad``.
+    """
+
+    def __init__(
+        self,
+        named: Sequence[tuple[str, nn.Parameter]],
+        cfg: Config,
+        group: Any,
+        dp_rank: int,
+        dp_size: int,
+    ) -> None:
+        self.named = list(named)
+        self.params = [p for _, p in self.named]
+        self.group, self.dp_size = group, dp_size
+        self.total = sum(p.numel() for p in self.params)
+        self.chunk = -(-self.total // dp_size)
+        self.lo = min(dp_rank * self.chunk, self.total)
+        self.hi = min(self.lo + self.chunk, self.total)
+        self.master = nn.Parameter(self._flat_params()[self.lo : self.hi].clone())
+        self.opt = new_optimizer([self.master], cfg)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.opt.param_groups
+
+    def _flat_params(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def sync_master(self) -> None:
+        """Take this rank's slice from the parameters (after loading weights)."""
+        self.master.data.copy_(self._flat_params()[self.lo : self.hi])
+
+    def _all_gather(self, mine: torch.Tensor) -> torch.Tensor:
+        """This rank's slice (hi - lo,) -> the whole flat tensor (total,) (collective over DP)."""
+        padded = torch.zeros(self.chunk, dtype=mine.dtype, device=mine.device)
+        padded[: mine.numel()] = mine
+        pieces = [torch.empty_like(padded) for _ in range(self.dp_size)]
+        torch.distributed.all_gather(pieces, padded, group=self.group)
+        return torch.cat(pieces)[: self.total]
+
+    def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for p in self.params:
+            out.append(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return out
+
+    def step(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.master.grad = torch.cat([g.reshape(-1) for g in grads])[self.lo : self.hi].clone()
+        self.opt.step()
+        for p, new in zip(self.params, self._unflatten(self._all_gather(self.master.detach()))):
+            p.data.copy_(new)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+        self.master.grad = None
+
+    def state_by_name(self) -> dict[str, dict]:
+        """The local (TP-shard) AdamW state by parameter name, like :func:`adamw_state_by_name`.
+
+        Collective over the data-parallel group (the moment slices are all-gathered).
+        """
+        st = self.opt.state.get(self.master)
+        out: dict[str, dict] = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+        if not st:
+            return out
+        for key in ("exp_avg", "exp_avg_sq"):
+            whole = self._unflatten(self._all_gather(st[key]))
+            out[key] = {name: t for (name, _), t in zip(self.named, whole)}
+        out["step"] = {name: float(st["step"]) for name, _ in self.named}
+        return out
+
+    def load_by_name(self, local: dict[str, tuple[nn.Parameter, dict[str, torch.Tensor]]]) -> None:
+        """Set this rank's slice of the moments from :func:`local_adamw_state`'s output."""
+        if len(local) != len(self.named):
+            missing = sorted({n for n, _ in self.named} - set(local))
+            raise ValueError(f"optimizer state has no moments for {missing}")
+        moments = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            flat = torch.cat([local[name][1][key].reshape(-1) for name, _ in self.named])
+            moments[key] = flat[self.lo : self.hi].clone()
+        step = next(iter(local.values()))[1]["step"]
+        self.opt.state[self.master] = {"step": step.clone(), **moments}
 
 
 def adamw_state_from_single_process(model: nn.Module, opt_state: dict) -> dict[str, dict]:
@@ -667,7 +773,9 @@ class ParallelEngine(_DistributedBase):
         self.tp, self.pp = par.tp, par.pp
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
-        self.name = f"TP={self.tp}, PP={self.pp}, DP={self.dp_size}"
+        self.name = f"TP={self.tp}, PP={self.pp}, DP={self.dp_size}" + (
+            f", ZeRO-{par.zero_stage}" if par.zero_stage else ""
+        )
         self.local_cfg = dataclasses.replace(cfg.model, backend="local")
         self.save_cfg = dataclasses.replace(cfg, model=self.local_cfg)  # files are layout-free
         torch.manual_seed(cfg.train.seed)
@@ -694,7 +802,14 @@ class ParallelEngine(_DistributedBase):
         self.params = params
         owned = {id(p) for p in params}
         self.named = [(n, p) for n, p in self.model.named_parameters() if id(p) in owned]
-        self.opt = new_optimizer(params, cfg)
+        # ZeRO-1 (parallel.zero_stage=1): AdamW state sharded over the data-parallel group
+        self.zero = cfg.parallel.zero_stage == 1 and self.dp_size > 1
+        if self.zero:
+            self.opt: Any = ShardedAdamW(
+                self.named, cfg, ps.get_data_parallel_group(), self.dp_rank, self.dp_size
+            )
+        else:
+            self.opt = new_optimizer(params, cfg)
         self.is_last_stage = self.pp_rank == self.pp - 1
         # parameters whose gradient enters the global norm on this rank: every TP shard, a
         # replicated parameter on TP rank 0 only, the tied embedding on the first stage only
@@ -892,7 +1007,10 @@ class ParallelEngine(_DistributedBase):
         ``trainer-rankRRRRR.pt`` keeps each rank's data position (it differs per DP rank)."""
         state = {**state, "layout": self._layout()}
         sd = self.full_state_dict()
-        local = adamw_state_by_name(self.opt, self.named)
+        if self.zero:  # collective over the data-parallel group
+            local = self.opt.state_by_name()
+        else:
+            local = adamw_state_by_name(self.opt, self.named)
         moments = {key: self._gather_named(local[key]) for key in ("exp_avg", "exp_avg_sq")}
         steps: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(steps, local["step"])
@@ -944,7 +1062,11 @@ class ParallelEngine(_DistributedBase):
             full = torch.load(latest / OPTIMIZER_FILE, weights_only=True, mmap=True)
         else:  # a single-process checkpoint: AdamW state by parameter index
             full = adamw_state_from_single_process(self.model, shared["optimizer"])
-        load_adamw_state_by_name(self.opt, self.named, full, self.tp_rank, self.tp)
+        if self.zero:
+            self.opt.sync_master()
+            self.opt.load_by_name(local_adamw_state(self.named, full, self.tp_rank, self.tp))
+        else:
+            load_adamw_state_by_name(self.opt, self.named, full, self.tp_rank, self.tp)
         if saved != self._layout():
             state = {**state, "resumed_from": f" (written by {was})"}
         return state
