@@ -108,6 +108,20 @@ def local_parts(parts: Sequence[int], tp: int) -> list[int]:
     return [p // tp for p in parts]
 
 
+def _init_linear(
+    module: nn.Module, in_features: int, out_features: int, bias: bool, init_std: float
+) -> None:
+    """``module.weight`` (out, in) and ``module.bias`` (out,) or None, initialised as
+    :class:`ilm_megatron.models.layers.Linear` (normal ``init_std`` when > 0, zero bias)."""
+    ref = nn.Linear(in_features, out_features, bias=bias)
+    module.weight = ref.weight
+    module.bias = ref.bias
+    if init_std > 0:
+        nn.init.normal_(module.weight, std=init_std)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class ColumnParallelLinear(nn.Module):
     """Output-sharded linear layer: (..., in) replicated -> (..., out / tp) local.
 
@@ -132,13 +146,7 @@ class ColumnParallelLinear(nn.Module):
         self.input_size = input_size
         self.output_size = output_size
         self.output_size_local = sum(local_parts(parts, self.tp))
-        ref = nn.Linear(input_size, self.output_size_local, bias=bias)
-        self.weight = ref.weight
-        self.bias = ref.bias
-        if init_std > 0:
-            nn.init.normal_(self.weight, std=init_std)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        _init_linear(self, input_size, self.output_size_local, bias, init_std)
         set_tp_layout(self.weight, 0, parts)
         if self.bias is not None:
             set_tp_layout(self.bias, 0, parts)
@@ -200,13 +208,7 @@ class RowParallelLinear(nn.Module):
         self.input_size = input_size
         self.output_size = output_size
         self.input_size_local = sum(local_parts(parts, self.tp))
-        ref = nn.Linear(self.input_size_local, output_size, bias=bias)
-        self.weight = ref.weight
-        self.bias = ref.bias
-        if init_std > 0:
-            nn.init.normal_(self.weight, std=init_std)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        _init_linear(self, self.input_size_local, output_size, bias, init_std)
         set_tp_layout(self.weight, 1, parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
