@@ -14,6 +14,7 @@ import json
 import resource
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,27 +57,67 @@ def peak_tflops(device: torch.device, configured: float = 0.0) -> float:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
 
 
-def flops_per_token(model, cfg) -> Callable[[float], float]:
-    """Model FLOPs per training token as a function of the mean solver iterations.
+def flops_per_token(model, cfg) -> TokenFlops:
+    """Model FLOPs of one training token: ``per_token(iters, phantom_steps)``.
 
-    With ``P`` the parameters applied per token (stack + injection + head) and ``A`` the
-    attention score/value FLOPs per token and layer, one forward of the stack costs
-    ``f = 2P + A``; an explicit training step costs ``3f`` (forward + backward), an implicit one
-    ``(iters + 3k) f`` — every solver iteration is a forward without backward, every phantom step
-    a forward with its backward.
+    With ``P_F``, ``P_inj`` the weight-matrix entries of the stack and of the injection, ``V`` the
+    (padded) vocabulary, ``d`` the width, ``l`` the sequence length and ``L`` the layers, one
+    forward per token costs
+
+    * stack ``F``: ``f = 2 P_F + A``, with ``A = 4 L l d`` the attention score and value FLOPs
+      for Llama (0 for Mamba2),
+    * injection (norm + linear): ``2 P_inj``; head: ``2 V d``; embedding lookup: 0,
+
+    and a training step, forward + backward (= 3 forwards),
+
+    * explicit: ``3 (f + 2 V d)``,
+    * implicit: ``3 (2 P_inj) + iters f + 3 k f + 3 (2 V d)``: the injection and the head run once
+      per step, each of the ``iters`` no-grad solver iterations is one forward of ``F``, each of
+      the ``k`` phantom steps a forward and its backward.
+
+    Only matrix multiplications are counted: norms, biases, activations, Mamba2's depthwise
+    convolution and SSD scan, and the recomputation of ``solver.phantom_impl=recompute`` are not.
+    ``k`` is an argument because the curriculum changes it per phase (bounded: 1, free: 4).
     """
     c = cfg.model
-    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embedding"))
-    n += c.padded_vocab_size * c.d_model  # the (tied) head is applied per token
-    attn = 2 * 2 * c.n_layers * cfg.data.seq_len * c.d_model if c.arch == "llama" else 0
-    fwd = 2.0 * n + attn
+    p_stack = p_inj = 0
+    for name, p in model.named_parameters():
+        # weight matrices only: not norm gains, biases, conv filters, weight-norm gains (original0)
+        if p.dim() != 2 or name.endswith("original0"):
+            continue
+        if name.startswith("stack."):
+            p_stack += p.numel()
+        elif name.startswith("injection."):
+            p_inj += p.numel()
+    attn = 4 * c.n_layers * cfg.data.seq_len * c.d_model if c.arch == "llama" else 0
+    return TokenFlops(
+        stack=2.0 * p_stack + attn,
+        injection=2.0 * p_inj,
+        head=2.0 * c.padded_vocab_size * c.d_model,  # tied or not, one (d x V) matrix per token
+        implicit=c.implicit,
+        default_phantom_steps=cfg.solver.phantom_steps,
+    )
 
-    def per_token(iters: float) -> float:
-        if not c.implicit:
-            return 3.0 * fwd
-        return (iters + 3.0 * cfg.solver.phantom_steps) * fwd
 
-    return per_token
+@dataclass(frozen=True)
+class TokenFlops:
+    """Forward FLOPs per token of each part; called as ``per_token(iters, phantom_steps)``.
+
+    ``default_phantom_steps`` is the config's ``solver.phantom_steps`` (the free phase's ``k``),
+    for callers that do not know the phase.
+    """
+
+    stack: float
+    injection: float
+    head: float
+    implicit: bool
+    default_phantom_steps: int
+
+    def __call__(self, iters: float, phantom_steps: int) -> float:
+        """Training FLOPs per token: ``iters`` solver iterations, ``phantom_steps`` = k."""
+        if not self.implicit:
+            return 3.0 * (self.stack + self.head)
+        return 3.0 * self.injection + (iters + 3.0 * phantom_steps) * self.stack + 3.0 * self.head
 
 
 def memory_gb(device: torch.device) -> float:
@@ -106,12 +147,22 @@ class MetricsLogger:
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
             self.tb.add_text("config", "```\n" + config_text + "\n```", 0)
 
-    flops: Callable[[float], float] | None = None
+    flops: Callable[[float, int], float] | None = None
     peak: float = 0.0
+    phantom_steps: int | None = None
 
-    def set_flops(self, flops: Callable[[float], float], peak: float) -> None:
-        """Report ``model_tflops`` (and ``mfu`` when the peak is known) with every record."""
-        self.flops, self.peak = flops, peak
+    def set_flops(
+        self, flops: Callable[[float, int], float], peak: float, phantom_steps: int | None = None
+    ) -> None:
+        """Report ``model_tflops`` (and ``mfu`` when the peak is known) with every record.
+
+        ``flops`` is :func:`flops_per_token`'s ``per_token(iters, phantom_steps)``;
+        ``phantom_steps`` the ``k`` for records that carry none (default: ``flops``'s
+        ``default_phantom_steps``, the config's value).
+        """
+        if phantom_steps is None:
+            phantom_steps = getattr(flops, "default_phantom_steps", None)
+        self.flops, self.peak, self.phantom_steps = flops, peak, phantom_steps
 
     def say(self, text: str) -> None:
         if self.quiet:
@@ -126,12 +177,26 @@ class MetricsLogger:
             self.bar.n = step
             self.bar.refresh()
 
-    def record(self, rec: dict[str, Any], iters_per_sample: torch.Tensor | None = None) -> None:
+    def record(
+        self,
+        rec: dict[str, Any],
+        iters_per_sample: torch.Tensor | None = None,
+        phantom_steps: int | None = None,
+    ) -> None:
+        """Write one record; with :meth:`set_flops`, add ``model_tflops`` (and ``mfu``).
+
+        The FLOPs use the solver iterations actually run, ``rec["iters"]`` (the no-grad solve
+        evaluates ``F`` on the whole batch until its last sample converges), and the phase's
+        phantom steps: ``phantom_steps`` if given, else ``rec["phantom_steps"]``, else the
+        :meth:`set_flops` default (the config's ``solver.phantom_steps``).
+        """
         if self.flops is not None and "tokens_per_s" in rec:
-            # model FLOPs counted with the solver iterations actually run
-            rec["model_tflops"] = (
-                rec["tokens_per_s"] * self.flops(rec.get("iters_mean", 1.0)) / 1e12
-            )
+            k = phantom_steps if phantom_steps is not None else rec.get("phantom_steps")
+            k = self.phantom_steps if k is None else k
+            if k is None:
+                raise ValueError("record: the phase's phantom_steps is unknown")
+            iters = rec.get("iters", rec.get("iters_mean", 1.0))
+            rec["model_tflops"] = rec["tokens_per_s"] * self.flops(iters, int(k)) / 1e12
             if self.peak > 0:
                 rec["mfu"] = rec["model_tflops"] / self.peak
         with self.path.open("a") as fh:
