@@ -109,17 +109,40 @@ def local_parts(parts: Sequence[int], tp: int) -> list[int]:
 
 
 def _init_linear(
-    module: nn.Module, in_features: int, out_features: int, bias: bool, init_std: float
+    module: nn.Module,
+    in_features: int,
+    out_features: int,
+    bias: bool,
+    init_std: float,
+    dim: int,
+    parts: Sequence[int],
 ) -> None:
-    """``module.weight`` (out, in) and ``module.bias`` (out,) or None, initialised as
-    :class:`ilm_megatron.models.layers.Linear` (normal ``init_std`` when > 0, zero bias)."""
+    """Set ``module.weight`` and ``module.bias`` to this rank's shard of the whole linear layer.
+
+    The whole (``out_features``, ``in_features``) weight is drawn as
+    :class:`ilm_megatron.models.layers.Linear` draws it (normal ``init_std`` when > 0, else
+    PyTorch's Kaiming-uniform with the *global* fan-in; zero bias), consuming the same random
+    numbers, and each rank keeps its shard along ``dim`` (Megatron's master-weight init). So the
+    gathered weight equals the single-process layer's from the same generator state, at any TP size.
+    The bias is sharded with the weight along the output (``dim == 0``), replicated otherwise.
+    """
     ref = nn.Linear(in_features, out_features, bias=bias)
-    module.weight = ref.weight
-    module.bias = ref.bias
-    if init_std > 0:
-        nn.init.normal_(module.weight, std=init_std)
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        if init_std > 0:
+            nn.init.normal_(ref.weight, std=init_std)
+        if ref.bias is not None:
+            nn.init.zeros_(ref.bias)
+    tp, rank = tp_world_size(), tp_rank()
+    if tp == 1:
+        module.weight, module.bias = ref.weight, ref.bias
+        return
+    from ilm_megatron.parallel.checkpoint import shard_tensor  # imports this module
+
+    module.weight = nn.Parameter(shard_tensor(ref.weight.detach(), dim, parts, rank, tp))
+    b = ref.bias
+    if b is not None and dim == 0:
+        b = nn.Parameter(shard_tensor(b.detach(), 0, parts, rank, tp))
+    module.bias = b
 
 
 class ColumnParallelLinear(nn.Module):
@@ -146,7 +169,7 @@ class ColumnParallelLinear(nn.Module):
         self.input_size = input_size
         self.output_size = output_size
         self.output_size_local = sum(local_parts(parts, self.tp))
-        _init_linear(self, input_size, self.output_size_local, bias, init_std)
+        _init_linear(self, input_size, output_size, bias, init_std, 0, parts)
         set_tp_layout(self.weight, 0, parts)
         if self.bias is not None:
             set_tp_layout(self.bias, 0, parts)
@@ -170,8 +193,12 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.start = tp_rank() * local
         self.end = self.start + local
-        self.weight = nn.Parameter(torch.empty(local, embedding_dim))
-        nn.init.normal_(self.weight, std=init_std)
+        # the whole table drawn as the single-process model draws it (nn.Embedding's own init,
+        # then normal init_std), and this rank's rows of it: the gathered table equals the
+        # single-process one from the same generator state
+        full = nn.Embedding(num_embeddings, embedding_dim).weight.detach()
+        nn.init.normal_(full, std=init_std)
+        self.weight = nn.Parameter(full[self.start : self.end].clone())
         set_tp_layout(self.weight, 0, [num_embeddings])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -208,7 +235,7 @@ class RowParallelLinear(nn.Module):
         self.input_size = input_size
         self.output_size = output_size
         self.input_size_local = sum(local_parts(parts, self.tp))
-        _init_linear(self, self.input_size_local, output_size, bias, init_std)
+        _init_linear(self, input_size, output_size, bias, init_std, 1, parts)
         set_tp_layout(self.weight, 1, parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
