@@ -6,6 +6,11 @@ dotted command-line overrides (``solver.f_max_iter=32``) are applied. Every erro
 the source (file or command line) and the expected type; semantic checks run in each section's
 ``__post_init__`` after the merge.
 
+A loaded :class:`Config` is immutable (frozen dataclasses): nothing in a run changes it, so what
+``config.yaml`` records is what was in force. Settings that change during a run (the curriculum's
+solver phase, the learning rate) are computed from the config and the step and passed explicitly
+to each step; derive a variant with :func:`with_overrides` or ``dataclasses.replace``.
+
 The defaults are the built-in quick-start run: a tiny one-layer implicit Mamba2 trained on the S3
 word problem on a CPU.
 """
@@ -15,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,7 @@ def _check(cond: bool, section: str, key: str, msg: str) -> None:
         raise ConfigError(f"{section}.{key}: {msg}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Model shape. Mamba2 fields are ignored for Llama and vice versa."""
 
@@ -143,7 +148,7 @@ class ModelConfig:
         return self.ffn_hidden_size or 4 * self.d_model
 
 
-@dataclass
+@dataclass(frozen=True)
 class SolverConfig:
     """Fixed-point solver of the implicit stack (DESIGN §2).
 
@@ -197,7 +202,7 @@ class SolverConfig:
         _check(0 < self.eval_damping <= 1, s, "eval_damping", "must be in (0, 1]")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
@@ -216,7 +221,7 @@ class ParallelConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = 300
     batch_size: int = 64  # sequences per global batch (all data-parallel ranks together)
@@ -282,7 +287,7 @@ class TrainConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     # "word_problem" (synthetic, aligned targets) | "shards" (text) | "catbabi" (QA stream)
     task: str = "word_problem"
@@ -312,7 +317,7 @@ class DataConfig:
         _check(self.num_workers >= 0, s, "num_workers", "must be >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
@@ -405,7 +410,7 @@ def load_config(
     try:
         obj = OmegaConf.to_object(cfg)
         assert isinstance(obj, Config)
-        _validate_cross(obj)
+        obj = _validate_cross(obj)
     except ConfigError as e:  # value checks of __post_init__: name where the values came from
         raise ConfigError(f"{src}: {e}") from None
     except OmegaConfBaseException as e:
@@ -413,9 +418,10 @@ def load_config(
     return obj
 
 
-def _validate_cross(cfg: Config) -> None:
-    """Checks that involve several sections (and settings derived from several)."""
-    _validate_tensor_parallel(cfg)
+def _validate_cross(cfg: Config) -> Config:
+    """Checks that involve several sections; returns ``cfg`` with the settings derived from
+    several (a new object: configs are immutable)."""
+    cfg = _validate_tensor_parallel(cfg)
     tokens = cfg.train.global_batch_tokens
     if tokens:
         _check(
@@ -424,7 +430,8 @@ def _validate_cross(cfg: Config) -> None:
             "global_batch_tokens",
             f"{tokens} is not a multiple of data.seq_len={cfg.data.seq_len}",
         )
-        cfg.train.batch_size = tokens // cfg.data.seq_len  # sequences per global batch
+        # sequences per global batch
+        cfg = replace(cfg, train=replace(cfg.train, batch_size=tokens // cfg.data.seq_len))
     if cfg.data.task == "word_problem":
         from ilm_megatron.data.word_problem import group_order
 
@@ -436,18 +443,21 @@ def _validate_cross(cfg: Config) -> None:
             f"{cfg.model.vocab_size} is smaller than the {cfg.data.group} word problem's "
             f"{n} symbols",
         )
+    return cfg
 
 
-def _validate_tensor_parallel(cfg: Config) -> None:
+def _validate_tensor_parallel(cfg: Config) -> Config:
     """``parallel.tp`` must divide every dimension the ``tp`` backend shards.
 
-    With ``parallel.tp > 1`` the model backend becomes ``tp`` (a ``local`` model cannot be sharded).
+    With ``parallel.tp > 1`` the model backend becomes ``tp`` (a ``local`` model cannot be sharded):
+    returns ``cfg`` with that backend.
     """
     tp, m = cfg.parallel.tp, cfg.model
     if tp == 1:
-        return
+        return cfg
     if m.backend == "local":
-        m.backend = "tp"
+        m = replace(m, backend="tp")
+        cfg = replace(cfg, model=m)
     if m.arch == "mamba2":
         dims = {"nheads": m.d_inner // m.headdim, "ngroups": m.ngroups}
     else:
@@ -462,6 +472,7 @@ def _validate_tensor_parallel(cfg: Config) -> None:
             f"tensor parallel size {tp} does not divide model {name}={n}",
         )
     _check(not m.weight_norm, "parallel", "tp", "model.weight_norm is not supported with tp > 1")
+    return cfg
 
 
 def config_to_yaml(cfg: Config) -> str:

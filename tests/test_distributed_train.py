@@ -215,3 +215,38 @@ def test_resume_at_another_dp_size_via_universal_checkpoint(first, then, tmp_pat
     a, b = weights(full / "model.safetensors"), weights(run / "model.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def dp1_bf16(tmp_path_factory) -> Path:
+    """The one-process run of ``dp1_reference`` under bf16 autocast."""
+    run = tmp_path_factory.mktemp("dp1bf16")
+    cfg = load_config([], [*BASE, f"run_dir={run}", "train.max_steps=8", "train.precision=bf16"])
+    train(cfg, run, quiet=True)
+    return run
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_dp2_zero_bf16_follows_one_process_bf16(zero, dp1_reference, dp1_bf16, tmp_path):
+    """``train.precision=bf16`` on DeepSpeed: fp32 weights in ZeRO, the forward under autocast.
+
+    Step 1 starts from the same weights everywhere, so its loss shows which arithmetic ran: the
+    DP=2 loss equals the one-process bf16 loss far more closely than bf16 differs from fp32 (an
+    fp32 forward would sit on the fp32 value). Later steps drift apart by bf16 rounding of
+    half-batch gradients, of the size by which bf16 differs from fp32, so they are checked to the
+    bf16 tolerance; the saved weights stay fp32.
+    """
+    run = tmp_path / "run"
+    torchrun(run, "train.max_steps=8", f"parallel.zero_stage={zero}", "train.precision=bf16")
+    fp32, bf16, got = losses(dp1_reference), losses(dp1_bf16), losses(run)
+    assert sorted(got) == list(range(1, 9))
+    gap = abs(bf16[1] - fp32[1]) / fp32[1]  # what autocast changes at step 1
+    assert gap > 1e-5, gap
+    assert abs(got[1] - bf16[1]) / bf16[1] < 0.01 * gap, (got[1], bf16[1], fp32[1])
+    for step in fp32:
+        assert got[step] == pytest.approx(bf16[step], rel=1e-3), (step, got[step], bf16[step])
+    w = weights(run / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in w.values())
+    ref = weights(dp1_bf16 / "model.safetensors")
+    for k in ref:
+        torch.testing.assert_close(w[k], ref[k], rtol=1e-2, atol=1e-3)

@@ -130,26 +130,77 @@ def test_nan_steps_are_skipped_then_fatal(tmp_path, monkeypatch):
               tmp_path / "b", quiet=True)  # fmt: skip
 
 
+def _scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+CURRICULUM = [
+    "train.max_steps=10",
+    "train.curriculum=bounded_then_free",
+    "train.bounded_fraction=0.5",
+    "solver.f_max_iter=9",
+    "solver.phantom_steps=3",
+    "solver.f_tol=1e-12",  # every solve runs to its cap: the iterations show the cap in force
+    "train.tensorboard=true",
+]
+
+
 def test_curriculum_bounded_then_free(tmp_path):
-    cfg = _cfg(
-        tmp_path,
-        "train.max_steps=10",
-        "train.curriculum=bounded_then_free",
-        "train.bounded_fraction=0.5",
-        "solver.f_max_iter=9",
-        "solver.phantom_steps=3",
-    )
+    cfg = _cfg(tmp_path, *CURRICULUM)
     per_step = 16 * 8
     assert (phase_at(0, cfg).f_max_iter, phase_at(0, cfg).phantom_steps) == (4, 1)
     assert phase_at(5 * per_step - 1, cfg).name == "bounded"
-    assert (phase_at(5 * per_step, cfg).f_max_iter, phase_at(5 * per_step, cfg).phantom_steps) == (
-        9,
-        3,
-    )
+    free = phase_at(5 * per_step, cfg)
+    assert (free.f_max_iter, free.phantom_steps) == (9, 3)
     res = train(cfg, tmp_path, quiet=True)
-    phases = [r["phase"] for r in res.history]
-    assert phases == [0] * 5 + [1] * 5
-    assert max(r["iters_max"] for r in res.history[:5]) <= 4
+    # what the run did, read back from TensorBoard: the bounded cap, then the free cap
+    iters = _scalars(tmp_path, "solver/iters_max")
+    assert iters == {s: 4.0 if s <= 5 else 9.0 for s in range(1, 11)}
+    assert _scalars(tmp_path, "solver/phantom_steps") == {
+        s: 1.0 if s <= 5 else 3.0 for s in range(1, 11)
+    }
+    assert _scalars(tmp_path, "solver/phase") == {s: float(s > 5) for s in range(1, 11)}
+    # the final evaluation runs the free phase's eval cap (ceil(4.0 * 9)), not the bounded one's
+    assert res.final["eval"][0]["iters_max"] == 36
+    # the loaded config is never changed by the run
+    assert (cfg.solver.f_max_iter, cfg.solver.phantom_steps) == (9, 3)
+
+
+def test_curriculum_resume_in_free_phase_is_bitwise(tmp_path):
+    """A run killed in the free phase continues exactly where an uninterrupted one goes."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_cfg(full, *CURRICULUM), full, quiet=True)
+    train(_cfg(part, *CURRICULUM, "train.save_interval=7"), part, quiet=True)
+    root = part / "checkpoints"
+    import shutil
+
+    shutil.rmtree(root / "step-00000010")  # as if the job had died at step 8
+    (root / "latest").write_text("step-00000007\n")
+    kept = [ln for ln in (part / "metrics.jsonl").read_text().splitlines()
+            if json.loads(ln)["step"] <= 7]  # fmt: skip
+    (part / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    res = train(_cfg(part, *CURRICULUM, "train.save_interval=7"), part, quiet=True)
+    assert [r["step"] for r in res.history] == [8, 9, 10]
+    assert [r["iters_max"] for r in res.history] == [9, 9, 9]
+    assert _losses(part) == _losses(full)  # bitwise: floats compared exactly
+    a = ckpt.load_model(full / "model.safetensors").state_dict()
+    b = ckpt.load_model(part / "model.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loaded_config_is_immutable():
+    import dataclasses
+
+    cfg = load_config([], ["solver.f_max_iter=9"])
+    for section, key in (("solver", "f_max_iter"), ("train", "lr"), ("model", "d_model")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(getattr(cfg, section), key, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.solver = cfg.solver
 
 
 def test_tensorboard_tags(tmp_path):

@@ -10,6 +10,7 @@ measurement is not vacuous: more phantom steps are seen, and so is a solve run w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,10 +83,9 @@ def ids_for(model: ImplicitLM) -> torch.Tensor:
 
 
 def train_forward(model: ImplicitLM, ids: torch.Tensor, f_max_iter: int, k: int):
-    model.solver_config.f_max_iter = f_max_iter
-    model.solver_config.phantom_steps = k
+    solver = dataclasses.replace(model.solver_config, f_max_iter=f_max_iter, phantom_steps=k)
     with Record() as saved:
-        out = model(ids)
+        out = model(ids, solver=solver)
     assert out.logits.requires_grad
     return saved, out
 

@@ -177,6 +177,11 @@ def test_bf16_autocast_pp2_matches_single_process_bf16(tmp_path: Path, reference
     run = tmp_path / "pp2"
     torchrun_train(run, *BASE, *extra, "parallel.pp=2")
     got = records(run)
+    # step 1 starts from the same weights: its loss tells which arithmetic the ring ran (an fp32
+    # ring would sit on the fp32 value, far from the bf16 one)
+    gap = abs(bf16[1] - fp32[1]) / fp32[1]
+    assert gap > 1e-5, gap
+    assert abs(got[0]["loss"] - bf16[1]) / bf16[1] < 0.01 * gap, (got[0], bf16[1], fp32[1])
     for ra, rb in zip(records(one), got):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3), (rb["step"], rb, ra)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-2), rb["step"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -55,9 +56,8 @@ def test_weight_norm_reparametrises_stack_and_keeps_function():
     cfg = tiny_config("mamba2")
     torch.manual_seed(0)
     plain = ImplicitLM(cfg.model, cfg.solver)
-    cfg.model.weight_norm = True
     torch.manual_seed(0)
-    wn = ImplicitLM(cfg.model, cfg.solver)
+    wn = ImplicitLM(dataclasses.replace(cfg.model, weight_norm=True), cfg.solver)
     names = [n for n, _ in wn.named_parameters()]
     assert any("parametrizations.weight.original0" in n for n in names)
     assert "embedding.weight" in names  # the embedding is not reparametrised

@@ -38,11 +38,18 @@ def test_short_run_learns_and_writes_run_dir(tmp_path):
     assert len(lines) == 4 and json.loads(lines[-1])["step"] == 40
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["eval"][0]["length"] == 8
-    # the saved model reproduces the trained model's eval logits
-    model = load_model(tmp_path / "model.safetensors").eval()
-    ids = torch.randint(0, 6, (2, 8))
-    again = load_model(tmp_path / "model.safetensors").eval()
-    assert torch.equal(model(ids).logits, again(ids).logits)
+    # the saved model is the trained one: evaluated again, it reproduces the run's final
+    # evaluation (same seeded batches) exactly, and it is not the initial model
+    from ilm_megatron.models.lm import build_model
+    from ilm_megatron.train.loop import evaluate
+
+    model = load_model(tmp_path / "model.safetensors")
+    seed, n = cfg.train.seed + 2, cfg.train.eval_batches
+    again = evaluate(model, cfg, 8, n, seed, torch.device("cpu"))
+    assert again == final["eval"][0]
+    torch.manual_seed(cfg.train.seed)
+    initial = evaluate(build_model(cfg.model, cfg.solver), cfg, 8, n, seed, torch.device("cpu"))
+    assert initial["loss"] > again["loss"]
 
 
 def test_checkpoint_of_other_architecture_is_refused(tmp_path):

@@ -7,6 +7,7 @@ so that argument and file checks fail fast with exit code 2 before any of them i
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -78,7 +79,7 @@ def load_run_config(
             raise ToolError(f"cannot read checkpoint {ckpt}: {e}") from None
         base = Config(model=mcfg, solver=scfg)
         if cfg_path is not None:
-            base.solver = load_config([cfg_path]).solver
+            base = dataclasses.replace(base, solver=load_config([cfg_path]).solver)
         return with_overrides(base, overrides)
     except ConfigError as e:
         raise ToolError(str(e)) from None

@@ -19,6 +19,9 @@ Three measurements, each on the model built from ``--config`` with random weight
   ``--step-iters`` iterations, so the ratio measures how the cost of one step grows with the
   position (constant for Mamba2, linear in the KV cache for Llama), not how fast a token happens to
   converge; ``seq_token_latency_converged`` repeats it with the model's own tolerance.
+* ``saved_bytes_weight_norm``: the activation bytes saved (at the largest solver cap) by the same
+  model with ``model.weight_norm=true``, with each reparametrised weight computed once per solve
+  (``cached``, the default) and once per solver iteration and phantom step (``uncached``).
 
 Times are ``time.perf_counter`` medians after a warm-up. Usage::
 
@@ -30,6 +33,7 @@ Times are ``time.perf_counter`` medians after a warm-up. Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -116,9 +120,7 @@ def saved_tensor_bytes(model: ImplicitLM, ids: torch.Tensor, iters: int) -> dict
     """
     import torch
 
-    s = model.solver_config
-    saved_cap, saved_tol = s.f_max_iter, s.f_tol
-    s.f_max_iter, s.f_tol = iters, NO_STOP_TOL
+    solver = dataclasses.replace(model.solver_config, f_max_iter=iters, f_tol=NO_STOP_TOL)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[tuple[str, int], int] = {}
 
@@ -128,11 +130,8 @@ def saved_tensor_bytes(model: ImplicitLM, ids: torch.Tensor, iters: int) -> dict
         return t  # keeps the storage alive, so no address is reused within the forward
 
     model.train()
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(ids)
-    finally:
-        s.f_max_iter, s.f_tol = saved_cap, saved_tol
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids, solver=solver)
     total = sum(storages.values())
     param_bytes = sum(n for (_, ptr), n in storages.items() if ptr in params)
     result = {
@@ -251,7 +250,6 @@ def sequential_latency(
         cursor[pos] = pos
 
     s = model.solver_config
-    saved_tol = s.eval_tol
     iters: dict[int, list[int]] = {pos: [] for pos in positions}
 
     def stepper(pos: int, max_iter: int | None) -> Callable[[], None]:
@@ -264,17 +262,17 @@ def sequential_latency(
         return run
 
     try:
-        s.eval_tol = NO_STOP_TOL
+        model.solver_config = dataclasses.replace(s, eval_tol=NO_STOP_TOL)
         fixed = interleaved_medians([stepper(p, step_iters) for p in positions], repeats)
         bad = [p for p in positions if min(iters[p]) != step_iters]
         if bad:
             raise RuntimeError(f"a timed step stopped early at positions {bad}")
-        s.eval_tol = saved_tol
+        model.solver_config = s
         for p in positions:
             iters[p].clear()
         conv = interleaved_medians([stepper(p, None) for p in positions], repeats)
     finally:
-        s.eval_tol = saved_tol
+        model.solver_config = s
     lo, hi = positions[0], positions[-1]
     return {
         "fixed": {str(p): 1e3 * t for p, t in zip(positions, fixed)},
@@ -318,6 +316,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         e, _ = model.embed(ids)
     explicit_bytes = explicit_forward_saved_bytes(model, e)
 
+    # 1b. weight normalisation: bytes saved with each weight computed once per solve (the
+    # default) and once per solver iteration / phantom step (cache_parametrizations=False)
+    wn_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weight_norm=True))
+    torch.manual_seed(args.seed)
+    wn_model = build_from_config(wn_cfg)
+    wn = {}
+    for name, cached in (("cached", True), ("uncached", False)):
+        wn_model.cache_parametrizations = cached
+        wn[name] = saved_tensor_bytes(wn_model, ids, SOLVER_ITERS[-1])["activation_bytes"]
+    del wn_model
+
     # 2. cost of one solver iteration vs one explicit forward with autograd
     timing = solver_iteration_timing(model, ids, args.solve_iters, args.repeats)
 
@@ -340,6 +349,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "saved_storages": {k: v["storages"] for k, v in mem.items()},
         "solver_iters_run": {k: v["solver_iters"] for k, v in mem.items()},
         "saved_bytes_explicit_forward": explicit_bytes,
+        "saved_bytes_weight_norm": wn,  # activations (parameters left out), largest solver cap
         "solve_iters_timed": args.solve_iters,
         **timing,
         f"seq_token_latency_ratio_{hi}_{lo}": seq["ratio"],
@@ -369,6 +379,9 @@ def format_summary(r: dict[str, Any]) -> str:
             f"  saved for backward (MiB) by solver iterations: {mib}",
             f"    ratio 32/4 = {r['saved_bytes_ratio_32_4']:.4f} "
             f"(one explicit forward: {r['saved_bytes_explicit_forward'] / 2**20:.2f} MiB)",
+            f"  weight norm, activations saved (MiB): "
+            f"{r['saved_bytes_weight_norm']['cached'] / 2**20:.2f} with the per-solve cache, "
+            f"{r['saved_bytes_weight_norm']['uncached'] / 2**20:.2f} without",
             f"  one solver iteration {r['iter_ms']:.3f} ms, explicit forward with autograd "
             f"{r['explicit_forward_grad_ms']:.3f} ms: ratio "
             f"{r['iter_time_over_explicit_forward']:.3f} "

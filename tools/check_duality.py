@@ -19,6 +19,7 @@ and the logits differ by more or an argmax disagrees, 2 on bad arguments or miss
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -97,7 +98,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = build_from_config(cfg, args.checkpoint, args.dtype).eval()
-    model.solver_config.eval_tol = args.tol
+    model.solver_config = dataclasses.replace(model.solver_config, eval_tol=args.tol)
     vocab = cfg.model.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen)

@@ -25,6 +25,7 @@ than layers, ...).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 "every pipeline stage needs at least one layer",
             )
     if args.tp > 1:
-        cfg.model.backend = "tp"
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backend="tp"))
     world = args.tp * args.pp
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     backend = "nccl" if gpus >= world else "gloo"

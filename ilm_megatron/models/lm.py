@@ -13,6 +13,7 @@ and :meth:`ImplicitLM.generate` solve one token at a time with caches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ilm_megatron.config import ModelConfig, SolverConfig
 from ilm_megatron.implicit.phantom import phantom_steps, phantom_steps_recompute
@@ -60,6 +62,8 @@ class ImplicitLM(nn.Module):
         super().__init__()
         self.config = config
         self.solver_config = solver if solver is not None else SolverConfig()
+        # weight norm: reuse each reparametrised weight within a solve (see cached_weights)
+        self.cache_parametrizations = True
         spec = stack_spec if stack_spec is not None else get_stack_spec(config.arch, config.backend)
         if config.backend == "tp":  # vocabulary rows split over the TP group
             self.embedding = VocabParallelEmbedding(
@@ -138,6 +142,7 @@ class ImplicitLM(nn.Module):
         return sharded_state_dict(self, prefix, sharded_offsets, metadata, stage)
 
     def eval_max_iter(self) -> int:
+        """The evaluation cap ``ceil(eval_max_iter_mult * f_max_iter)`` of ``solver_config``."""
         s = self.solver_config
         return int(math.ceil(s.eval_max_iter_mult * s.f_max_iter))
 
@@ -146,12 +151,16 @@ class ImplicitLM(nn.Module):
         return s.eval_tol if s.eval_tol > 0 else s.f_tol
 
     # ------------------------------------------------------------------ simultaneous mode
-    def forward(self, ids: torch.Tensor, max_iter: int | None = None) -> LMOutput:
+    def forward(
+        self, ids: torch.Tensor, max_iter: int | None = None, solver: SolverConfig | None = None
+    ) -> LMOutput:
         """Simultaneous mode over the whole sequence.
 
         Args:
             ids: (b, l) token ids.
             max_iter: override of the solver cap (training: ``f_max_iter``; eval: the eval cap).
+            solver: the training solve's settings for this call (the curriculum phase's);
+                default ``self.solver_config``. Evaluation always uses ``self.solver_config``.
 
         Returns:
             :class:`LMOutput` with logits (b, l, padded_vocab) and solver statistics. In training
@@ -161,20 +170,33 @@ class ImplicitLM(nn.Module):
         if not self.implicit:
             z, _ = self.stack(e)
             return LMOutput(self.head(z), _explicit_stats(ids), hidden=z)
-        s = self.solver_config
+        s = self.solver_config if solver is None else solver
         f = self.stack_fn(u)
         z0 = torch.zeros_like(e)
         if self.training and torch.is_grad_enabled():
             cap = s.f_max_iter if max_iter is None else max_iter
-            z_star, stats = solve(f, z0, cap, s.f_tol)
+            with self.cached_weights():  # weight norm: each weight once for the whole solve
+                z_star, stats = solve(f, z0, cap, s.f_tol)
             if s.phantom_impl == "recompute":
                 inputs = [u, *(p for p in self.stack.parameters() if p.requires_grad)]
                 z = phantom_steps_recompute(f, z_star, s.phantom_steps, s.phantom_damping, inputs)
             else:
-                z = phantom_steps(f, z_star, s.phantom_steps, s.phantom_damping)
+                with self.cached_weights():  # ... and once (one saved copy) for the k steps
+                    z = phantom_steps(f, z_star, s.phantom_steps, s.phantom_damping)
         else:
-            z, stats = self.solve_eval(f, z0, max_iter)
+            with self.cached_weights():
+                z, stats = self.solve_eval(f, z0, max_iter)
         return LMOutput(self.head(z), stats, hidden=z)
+
+    def cached_weights(self) -> contextlib.AbstractContextManager:
+        """With ``model.weight_norm``: compute each reparametrised weight ``g * v / |v|`` once
+        inside the block (``torch.nn.utils.parametrize.cached``) instead of at every solver
+        iteration; under autograd the block saves one weight copy for backward, not one per
+        phantom step. A no-op without weight norm or with ``cache_parametrizations = False``.
+        """
+        if self.config.weight_norm and self.cache_parametrizations:
+            return parametrize.cached()
+        return contextlib.nullcontext()
 
     def solve_eval(
         self, f, z0: torch.Tensor, max_iter: int | None = None
@@ -194,7 +216,8 @@ class ImplicitLM(nn.Module):
         """
         e, u = self.embed(ids)
         if self.implicit:
-            z_star, stats = self.solve_eval(self.stack_fn(u), torch.zeros_like(e), max_iter)
+            with self.cached_weights():
+                z_star, stats = self.solve_eval(self.stack_fn(u), torch.zeros_like(e), max_iter)
         else:
             z_star, stats = e, _explicit_stats(ids)
         z, caches = self.stack(z_star, u, return_cache=True)
@@ -230,9 +253,10 @@ class ImplicitLM(nn.Module):
         if self.implicit:
             z0 = torch.zeros_like(e) if z_init is None else z_init
             cap = self.eval_max_iter() if max_iter is None else max_iter
-            z, updates, stats = solve_token(
-                lambda z: self.stack.step(z, u, caches), z0, cap, self.eval_tol()
-            )
+            with self.cached_weights():
+                z, updates, stats = solve_token(
+                    lambda z: self.stack.step(z, u, caches), z0, cap, self.eval_tol()
+                )
         else:
             z, updates = self.stack.step(e, None, caches)
             stats = _explicit_stats(ids[:, None])

@@ -230,17 +230,20 @@ def teardown() -> None:
 
 
 def deepspeed_config(cfg: Config, ctx: DistContext) -> dict[str, Any]:
-    """DeepSpeed config: ZeRO stage, batch split, clipping; bf16 with fp32 master weights when
-    ``train.precision`` resolves to bf16 (``auto`` on GPU)."""
+    """DeepSpeed config: ZeRO stage, batch split, clipping.
+
+    DeepSpeed's own bf16 mode is never used: it casts every parameter to bf16, so the fp32
+    residual stream of the solve meets bf16 weights (and Mamba2's ``A_log``/``dt_bias``/``D``
+    lose precision). Under ``train.precision=bf16`` ZeRO keeps fp32 weights, gradients and
+    optimizer state and the forward runs under bf16 ``torch.autocast`` like the other engines, on
+    CPU and GPU alike, through DeepSpeed's ``torch_autocast`` section (DeepSpeed's forward
+    switches off an autocast entered outside it). Gradients are reduced in fp32
+    (``lower_precision_safe_modules`` empty).
+    """
     from ilm_megatron.train.engines import use_bf16
 
     par, t = cfg.parallel, cfg.train
     bf16 = use_bf16(cfg, ctx.device)
-    if bf16 and ctx.device.type != "cuda":
-        raise ValueError(
-            "train.precision=bf16 with the DeepSpeed engine needs CUDA (DeepSpeed's bf16 mode); "
-            "on CPU use train.precision=fp32, or the single-process / TP/PP engines (autocast)"
-        )
     per_rank = t.batch_size // ctx.dp_size
     if t.batch_size % ctx.dp_size or per_rank % par.microbatches:
         raise ValueError(
@@ -254,8 +257,12 @@ def deepspeed_config(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         "zero_optimization": {"stage": par.zero_stage},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": float(t.clip_grad or 0.0),
-        # a non-finite gradient norm skips the step in bf16 too (DeepSpeed's default, explicit)
-        "bf16": {"enabled": bf16, "check_grad_overflow": True},
+        "bf16": {"enabled": False},  # fp32 weights; bf16 is autocast in the forward
+        "torch_autocast": {
+            "enabled": bf16,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
+        },
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

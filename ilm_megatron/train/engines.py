@@ -81,10 +81,49 @@ def merge_stats(stats: Sequence[SolverStats]) -> SolverStats:
     )
 
 
-def new_optimizer(params: Sequence[nn.Parameter] | Any, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with the ``train`` section's hyper-parameters."""
+def decays(name: str, param: nn.Parameter) -> bool:
+    """Whether ``train.weight_decay`` applies to the parameter ``name``.
+
+    Only weight matrices decay (projections, the MLP, the convolution filters and an untied LM
+    head), as in Megatron and Mamba: parameters with fewer than two dimensions (biases, norm
+    gains, Mamba2's ``A_log``, ``D`` and ``dt_bias``), the embedding and the magnitudes ``g`` of
+    weight-normalised layers (``...parametrizations.weight.original0``) do not.
+    """
+    if param.ndim < 2 or name.startswith("embedding."):
+        return False
+    return not name.endswith("parametrizations.weight.original0")
+
+
+def param_groups(named: Sequence[tuple[str, nn.Parameter]], cfg: Config) -> list[dict[str, Any]]:
+    """AdamW parameter groups: decayed weights (``train.weight_decay``), then the rest (0).
+
+    Each group carries ``param_names``, so a saved optimizer state maps back to parameter names.
+    Empty groups are left out.
+    """
+    named = list(named)
+    groups = []
+    for wd, keep in ((cfg.train.weight_decay, True), (0.0, False)):
+        chosen = [(n, p) for n, p in named if decays(n, p) == keep]
+        if chosen:
+            groups.append(
+                {
+                    "params": [p for _, p in chosen],
+                    "param_names": [n for n, _ in chosen],
+                    "weight_decay": wd,
+                }
+            )
+    return groups
+
+
+def new_optimizer(
+    named: Sequence[tuple[str, nn.Parameter]] | Any, cfg: Config
+) -> torch.optim.Optimizer:
+    """AdamW with the ``train`` section's hyper-parameters over ``named`` (name, parameter)
+    pairs, in the no-decay groups of :func:`param_groups`."""
     t = cfg.train
-    return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    return torch.optim.AdamW(
+        param_groups(named, cfg), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
+    )
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
@@ -162,10 +201,34 @@ def local_adamw_state(
     return out
 
 
+class _FlatShard:
+    """One group's parameters flattened; this data-parallel rank owns ``[lo, hi)`` of them."""
+
+    def __init__(self, named: Sequence[tuple[str, nn.Parameter]], dp_rank: int, dp_size: int):
+        self.named = list(named)
+        self.params = [p for _, p in self.named]
+        self.total = sum(p.numel() for p in self.params)
+        self.chunk = -(-self.total // dp_size)
+        self.lo = min(dp_rank * self.chunk, self.total)
+        self.hi = min(self.lo + self.chunk, self.total)
+        self.master = nn.Parameter(self.flat_params()[self.lo : self.hi].clone())
+
+    def flat_params(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for p in self.params:
+            out.append(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return out
+
+
 class ShardedAdamW:
     """ZeRO-1 over the data-parallel group: each DP rank owns the AdamW state of one contiguous
-    slice of the flattened parameters (its fp32 master copy and both moments, 1/DP of the
-    optimizer memory); after each step the updated slices are all-gathered into the parameters.
+    slice of the flattened parameters of each group (decayed and not, :func:`param_groups`): its
+    fp32 master copy and both moments, 1/DP of the optimizer memory. After each step the updated
+    slices are all-gathered into the parameters.
 
     Gradients must already be averaged over the group (they are whole on every DP rank), so the
     update equals plain AdamW's elementwise. Exposes ``param_groups``, ``step`` and ``zero_grad``.
@@ -180,87 +243,98 @@ class ShardedAdamW:
         dp_size: int,
     ) -> None:
         self.named = list(named)
-        self.params = [p for _, p in self.named]
         self.group, self.dp_size = group, dp_size
-        self.total = sum(p.numel() for p in self.params)
-        self.chunk = -(-self.total // dp_size)
-        self.lo = min(dp_rank * self.chunk, self.total)
-        self.hi = min(self.lo + self.chunk, self.total)
-        self.master = nn.Parameter(self._flat_params()[self.lo : self.hi].clone())
-        self.opt = new_optimizer([self.master], cfg)
+        groups = param_groups(self.named, cfg)
+        self.shards = [
+            _FlatShard(list(zip(g["param_names"], g["params"])), dp_rank, dp_size) for g in groups
+        ]
+        t = cfg.train
+        self.opt = torch.optim.AdamW(
+            [
+                {"params": [sh.master], "weight_decay": g["weight_decay"]}
+                for sh, g in zip(self.shards, groups)
+            ],
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+        )
 
     @property
     def param_groups(self) -> list[dict]:
         return self.opt.param_groups
 
-    def _flat_params(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
-
     def sync_master(self) -> None:
-        """Take this rank's slice from the parameters (after loading weights)."""
-        self.master.data.copy_(self._flat_params()[self.lo : self.hi])
+        """Take this rank's slices from the parameters (after loading weights)."""
+        for sh in self.shards:
+            sh.master.data.copy_(sh.flat_params()[sh.lo : sh.hi])
 
-    def _all_gather(self, mine: torch.Tensor) -> torch.Tensor:
-        """This rank's slice (hi - lo,) -> the whole flat tensor (total,) (collective over DP)."""
-        padded = torch.zeros(self.chunk, dtype=mine.dtype, device=mine.device)
+    def _all_gather(self, sh: _FlatShard, mine: torch.Tensor) -> torch.Tensor:
+        """This rank's slice (hi - lo,) -> the group's whole flat tensor (total,) (collective)."""
+        padded = torch.zeros(sh.chunk, dtype=mine.dtype, device=mine.device)
         padded[: mine.numel()] = mine
         pieces = [torch.empty_like(padded) for _ in range(self.dp_size)]
         torch.distributed.all_gather(pieces, padded, group=self.group)
-        return torch.cat(pieces)[: self.total]
-
-    def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        out, offset = [], 0
-        for p in self.params:
-            out.append(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        return out
+        return torch.cat(pieces)[: sh.total]
 
     def step(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.master.grad = torch.cat([g.reshape(-1) for g in grads])[self.lo : self.hi].clone()
+        for sh in self.shards:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in sh.params]
+            sh.master.grad = torch.cat([g.reshape(-1) for g in grads])[sh.lo : sh.hi].clone()
         self.opt.step()
-        for p, new in zip(self.params, self._unflatten(self._all_gather(self.master.detach()))):
-            p.data.copy_(new)
+        for sh in self.shards:
+            whole = sh.unflatten(self._all_gather(sh, sh.master.detach()))
+            for p, new in zip(sh.params, whole):
+                p.data.copy_(new)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-        self.master.grad = None
+        for sh in self.shards:
+            for p in sh.params:
+                p.grad = None
+            sh.master.grad = None
 
     def state_by_name(self) -> dict[str, dict]:
         """The local (TP-shard) AdamW state by parameter name, like :func:`adamw_state_by_name`.
 
         Collective over the data-parallel group (the moment slices are all-gathered).
         """
-        st = self.opt.state.get(self.master)
         out: dict[str, dict] = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
-        if not st:
-            return out
-        for key in ("exp_avg", "exp_avg_sq"):
-            whole = self._unflatten(self._all_gather(st[key]))
-            out[key] = {name: t for (name, _), t in zip(self.named, whole)}
-        out["step"] = {name: float(st["step"]) for name, _ in self.named}
+        for sh in self.shards:
+            st = self.opt.state.get(sh.master)
+            if not st:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                whole = sh.unflatten(self._all_gather(sh, st[key]))
+                out[key].update({name: t for (name, _), t in zip(sh.named, whole)})
+            out["step"].update({name: float(st["step"]) for name, _ in sh.named})
         return out
 
     def load_by_name(self, local: dict[str, tuple[nn.Parameter, dict[str, torch.Tensor]]]) -> None:
-        """Set this rank's slice of the moments from :func:`local_adamw_state`'s output."""
+        """Set this rank's slices of the moments from :func:`local_adamw_state`'s output."""
         if len(local) != len(self.named):
             missing = sorted({n for n, _ in self.named} - set(local))
             raise ValueError(f"optimizer state has no moments for {missing}")
-        moments = {}
-        for key in ("exp_avg", "exp_avg_sq"):
-            flat = torch.cat([local[name][1][key].reshape(-1) for name, _ in self.named])
-            moments[key] = flat[self.lo : self.hi].clone()
-        step = next(iter(local.values()))[1]["step"]
-        self.opt.state[self.master] = {"step": step.clone(), **moments}
+        for sh in self.shards:
+            moments = {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                flat = torch.cat([local[name][1][key].reshape(-1) for name, _ in sh.named])
+                moments[key] = flat[sh.lo : sh.hi].clone()
+            step = local[sh.named[0][0]][1]["step"]
+            self.opt.state[sh.master] = {"step": step.clone(), **moments}
 
 
 def adamw_state_from_single_process(model: nn.Module, opt_state: dict) -> dict[str, dict]:
-    """Convert a single-process ``AdamW.state_dict()`` (indexed by parameter order) to by-name."""
+    """Convert a single-process ``AdamW.state_dict()`` (indexed by parameter order) to by-name.
+
+    The groups' ``param_names`` name the indices; a state saved without them (one group over
+    ``model.named_parameters()``) is read in the model's parameter order.
+    """
     names = [n for n, _ in model.named_parameters()]
+    by_index: dict[int, str] = {}
+    for g in opt_state["param_groups"]:
+        if "param_names" in g:
+            by_index.update(zip(g["params"], g["param_names"]))
     out: dict[str, dict] = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
     for idx, st in opt_state["state"].items():
-        name = names[int(idx)]
+        name = by_index.get(int(idx)) or names[int(idx)]
         out["exp_avg"][name] = st["exp_avg"]
         out["exp_avg_sq"][name] = st["exp_avg_sq"]
         out["step"][name] = float(st["step"])
@@ -309,11 +383,13 @@ class Engine:
         losses: list[float],
         accs: list[float],
         stats: list[SolverStats],
+        solver: SolverConfig,
     ) -> torch.Tensor:
-        """Forward of one micro-batch x, y (b, l) under autocast -> its loss (scalar, with
-        autograd); appends the loss, the accuracy and the solver statistics to the lists."""
+        """Forward of one micro-batch x, y (b, l) under autocast with the step's ``solver``
+        settings -> its loss (scalar, with autograd); appends the loss, the accuracy and the
+        solver statistics to the lists."""
         with self.autocast():
-            out = self.model(x)  # type: ignore[attr-defined]
+            out = self.model(x, solver=solver)  # type: ignore[attr-defined]
             loss = hook(token_loss(out.logits, y, self.vocab))
         losses.append(loss.item())
         accs.append(token_accuracy(out.logits, y, self.vocab))
@@ -329,11 +405,6 @@ class Engine:
     @property
     def is_rank0(self) -> bool:
         return self.rank == 0
-
-    @property
-    def solver_config(self) -> SolverConfig:
-        """The solver config the model reads at every step (the curriculum mutates it)."""
-        return self.module.solver_config
 
     def describe(self) -> str:
         """Layout for the start-up line, e.g. ``"4 x cpu (TP=2, PP=2, DP=1)"``."""
@@ -352,10 +423,12 @@ class Engine:
             group["lr"] = lr
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, stop: bool, hook: Callable
+        self, x: torch.Tensor, y: torch.Tensor, solver: SolverConfig, stop: bool, hook: Callable
     ) -> StepOutput:
         """One optimizer step on this rank's share ``x, y`` (b, l) of the global batch.
 
+        ``solver``: the training solve's settings for this step (the curriculum phase's, see
+        :func:`~ilm_megatron.train.curriculum.phase_at`); evaluation keeps the model's own.
         ``hook(loss)`` may replace the loss (fault injection in tests).
         """
         raise NotImplementedError
@@ -406,7 +479,7 @@ class LocalEngine(Engine):
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, cfg.solver).to(device)
         self.model.train()
-        self.opt = new_optimizer(self.model.parameters(), cfg)
+        self.opt = new_optimizer(self.model.named_parameters(), cfg)
 
     def setup(self, data: Any, latest: Path | None) -> dict | None:
         if latest is None:
@@ -415,7 +488,14 @@ class LocalEngine(Engine):
         load_model(latest / "model.safetensors", self.model)
         state = torch.load(latest / "trainer.pt", weights_only=True)
         if "optimizer" in state:
-            self.opt.load_state_dict(state["optimizer"])
+            saved_groups = state["optimizer"]["param_groups"]
+            if [g.get("param_names") for g in saved_groups] == [
+                g["param_names"] for g in self.opt.param_groups
+            ]:
+                self.opt.load_state_dict(state["optimizer"])
+            else:  # another grouping (e.g. one group, before the no-decay groups): by name
+                full = adamw_state_from_single_process(self.model, state["optimizer"])
+                load_adamw_state_by_name(self.opt, list(self.model.named_parameters()), full)
             return state
         # written by the TP/PP trainer: whole-model AdamW state by name
         saved = state.get("layout", {})
@@ -430,14 +510,14 @@ class LocalEngine(Engine):
         return {**state, "resumed_from": f" (written by {was})"}
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, stop: bool, hook: Callable
+        self, x: torch.Tensor, y: torch.Tensor, solver: SolverConfig, stop: bool, hook: Callable
     ) -> StepOutput:
         mb = self.cfg.parallel.microbatches
         self.opt.zero_grad(set_to_none=True)
         losses, accs, stats = [], [], []
         finite = True
         for xc, yc in zip(x.chunk(mb), y.chunk(mb)):
-            loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats)
+            loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats, solver)
             if not bool(torch.isfinite(loss)):
                 finite = False  # no backward: the update is skipped
                 break
@@ -568,7 +648,7 @@ class DeepSpeedEngine(_DistributedBase):
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, cfg.solver).to(self.device)
         self.model.train()
-        self.opt = new_optimizer(self.model.parameters(), cfg)
+        self.opt = new_optimizer(self.model.named_parameters(), cfg)
         self.engine: Any = None
 
     def describe(self) -> str:
@@ -684,7 +764,7 @@ class DeepSpeedEngine(_DistributedBase):
             group["lr"] = lr
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, stop: bool, hook: Callable
+        self, x: torch.Tensor, y: torch.Tensor, solver: SolverConfig, stop: bool, hook: Callable
     ) -> StepOutput:
         mb = self.cfg.parallel.microbatches
         engine = self.engine
@@ -692,8 +772,11 @@ class DeepSpeedEngine(_DistributedBase):
         bad = stop_any = False
         stats = []
         for xc, yc in zip(x.chunk(mb), y.chunk(mb)):
-            out = engine(xc)
-            loss = hook(token_loss(out.logits, yc, self.vocab))
+            # bf16 (train.precision): the forward's autocast is DeepSpeed's torch_autocast
+            # section (see deepspeed_config), the loss's this one
+            with self.autocast():
+                out = engine(xc, solver=solver)
+                loss = hook(token_loss(out.logits, yc, self.vocab))
             acc = token_accuracy(out.logits, yc, self.vocab)
             ok = bool(torch.isfinite(loss))
             nonfinite, stops, lsum, asum = self.all_reduce_sum(
@@ -708,8 +791,8 @@ class DeepSpeedEngine(_DistributedBase):
             engine.backward(loss)
             engine.step()  # applies the update at the last micro-batch (accumulation boundary)
             stats.append(out.stats)
-        # ZeRO's overflow check skips a step with non-finite gradients (bf16 included, see
-        # deepspeed_config's check_grad_overflow) and reports it here
+        # a non-finite loss on any rank poisoned every rank's gradients above (``bad``); ZeRO
+        # also reports a step it skipped itself
         applied = engine.was_step_applied()
         norm = engine.get_global_grad_norm()
         gnorm = float(norm) if norm is not None else float("nan")
@@ -809,7 +892,7 @@ class ParallelEngine(_DistributedBase):
                 self.named, cfg, ps.get_data_parallel_group(), self.dp_rank, self.dp_size
             )
         else:
-            self.opt = new_optimizer(params, cfg)
+            self.opt = new_optimizer(self.named, cfg)
         self.is_last_stage = self.pp_rank == self.pp - 1
         # parameters whose gradient enters the global norm on this rank: every TP shard, a
         # replicated parameter on TP rank 0 only, the tied embedding on the first stage only
@@ -831,7 +914,7 @@ class ParallelEngine(_DistributedBase):
 
     # ----------------------------------------------------------------- step
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, stop: bool, hook: Callable
+        self, x: torch.Tensor, y: torch.Tensor, solver: SolverConfig, stop: bool, hook: Callable
     ) -> StepOutput:
         mb = self.cfg.parallel.microbatches
         self.opt.zero_grad(set_to_none=True)
@@ -842,7 +925,7 @@ class ParallelEngine(_DistributedBase):
         reports = self.is_last_stage and self.tp_rank == 0  # one reporter per DP replica
         if self.stage is None:
             for xc, yc in zip(xs, ys):
-                loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats)
+                loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats, solver)
                 (loss / mb if mb > 1 else loss).backward()  # a NaN shows in the global norm
         else:
             from ilm_megatron.parallel.pipeline import pipeline_forward_backward
@@ -857,7 +940,7 @@ class ParallelEngine(_DistributedBase):
                 self.stage,
                 xs if self.pp_rank == 0 else None,
                 ys if self.is_last_stage else None,
-                self.model.solver_config,
+                solver,
                 n_microbatches=mb,
                 in_flight=mb,
                 pp_ranks=self.pp_ranks,
@@ -961,7 +1044,6 @@ class ParallelEngine(_DistributedBase):
             return None
         if self._eval is None:
             self._eval = build_model(self.local_cfg, self.model.solver_config).to(self.device)
-        self._eval.solver_config = self.model.solver_config
         self._eval.load_state_dict(sd)
         self._eval.train(self.model.training)
         return self._eval

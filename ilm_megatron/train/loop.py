@@ -28,7 +28,7 @@ from ilm_megatron.models.lm import ImplicitLM
 from ilm_megatron.train.checkpoint import (
     latest_checkpoint,
 )
-from ilm_megatron.train.curriculum import apply_phase, phase_at
+from ilm_megatron.train.curriculum import phase_at
 from ilm_megatron.train.data import IGNORE, build_train_data
 from ilm_megatron.train.engines import token_loss
 from ilm_megatron.train.metrics import MetricsLogger, flops_per_token, memory_gb, peak_tflops
@@ -261,8 +261,7 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
             step = counters["step"]
             if engine.distributed:
                 _test_hooks(step, engine.rank, engine.world_size, run_dir, None)
-            phase = phase_at(counters["tokens"], cfg)
-            apply_phase(phase, engine.solver_config)
+            phase = phase_at(counters["tokens"], cfg)  # the solver settings of this step
             lr = lr_at(step, cfg)
             engine.set_lr(lr)
             x, y = data.next_batch()
@@ -273,7 +272,7 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
                     return loss
                 return _test_hooks(step, engine.rank, engine.world_size, run_dir, loss)
 
-            out = engine.train_step(x, y, stop.signum is not None, hook)
+            out = engine.train_step(x, y, phase.solver, stop.signum is not None, hook)
             if out.applied:
                 counters["nan_streak"] = 0
             else:  # skipped on every rank; stop after too many in a row
@@ -310,6 +309,8 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
                     tokens_per_s=(counters["tokens"] - tokens_at_start) / elapsed,
                     mem_gb=memory_gb(device),
                     phase=phase.index,
+                    f_max_iter=phase.f_max_iter,
+                    phantom_steps=phase.phantom_steps,
                     unconverged_steps=counters["unconverged"],
                     nan_skipped=counters["nan_skipped"],
                 )

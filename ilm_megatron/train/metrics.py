@@ -35,6 +35,8 @@ TB_TAGS = {
     "residual_max": "solver/residual_max",
     "converged_frac": "solver/converged_frac",
     "phase": "solver/phase",
+    "f_max_iter": "solver/f_max_iter",  # the settings in force at the logged step
+    "phantom_steps": "solver/phantom_steps",
     "unconverged_steps": "solver/unconverged_steps",
     "nan_skipped": "train/nan_skipped",
     "val_loss": "val/loss",
