@@ -239,6 +239,10 @@ class TrainConfig:
     log_interval: int = 25
     eval_interval: int = 0  # validate every N steps (0: only at the end)
     eval_batches: int = 4
+    # sequences per validation forward (0: the per-rank training micro-batch, batch_size /
+    # (data-parallel size x parallel.microbatches)); the solver's stop rule looks at the batch
+    # maximum, so validation numbers depend on it: fix it to compare layouts
+    eval_micro_batch: int = 0
     seed: int = 1234
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     # compute precision of training steps: "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
@@ -275,6 +279,7 @@ class TrainConfig:
         )
         _check(0 < self.decay_fraction <= 1, s, "decay_fraction", "must be in (0, 1]")
         _check(self.max_nan_steps >= 1, s, "max_nan_steps", "must be >= 1")
+        _check(self.eval_micro_batch >= 0, s, "eval_micro_batch", "must be >= 0")
         for k in ("max_steps", "batch_size", "log_interval"):
             _check(getattr(self, k) > 0, s, k, f"must be > 0, got {getattr(self, k)}")
         _check(self.lr > 0, s, "lr", f"must be > 0, got {self.lr}")

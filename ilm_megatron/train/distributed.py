@@ -136,6 +136,12 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu().tolist()
 
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        """Elementwise maximum of a few floats over all ranks (one collective)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.cpu().tolist()
+
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 

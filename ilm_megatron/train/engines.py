@@ -341,6 +341,28 @@ def adamw_state_from_single_process(model: nn.Module, opt_state: dict) -> dict[s
     return out
 
 
+@dataclass(frozen=True)
+class EvalShare:
+    """How one rank takes part in a validation pass (see :meth:`Engine.eval_share`).
+
+    Attributes:
+        model: the model this rank evaluates with (a whole replica, or its tensor-parallel shard
+            run together with the other ranks of its TP group); None: it only joins the
+            reductions.
+        part, parts: this rank takes slice ``part`` of ``parts`` equal slices of every batch
+            (its data-parallel replica's share).
+        reports: whether its sums count (one rank per replica: TP ranks compute the same).
+        micro_batch: sequences per forward (``train.eval_micro_batch``, or the per-rank training
+            micro-batch).
+    """
+
+    model: ImplicitLM | None
+    part: int
+    parts: int
+    reports: bool
+    micro_batch: int
+
+
 @dataclass
 class StepOutput:
     """One optimizer step as seen by the loop (the same on every rank).
@@ -446,12 +468,22 @@ class Engine:
         """A module with the whole model's parameter shapes (for the FLOP count)."""
         return self.module
 
-    def eval_model(self) -> ImplicitLM | None:
-        """A full single-process model with the current weights on rank 0, None elsewhere.
+    def eval_micro_batch(self) -> int:
+        """Sequences per evaluation forward: ``train.eval_micro_batch`` or, when 0, the training
+        micro-batch of one rank (``batch_size / (dp * microbatches)``)."""
+        t = self.cfg.train
+        return t.eval_micro_batch or max(
+            1, t.batch_size // (self.dp_size * self.cfg.parallel.microbatches)
+        )
 
-        Collective.
-        """
-        return self.module if self.is_rank0 else None
+    def eval_share(self) -> EvalShare:
+        """This rank's part of a validation pass: each data-parallel replica evaluates its slice
+        of every batch with the model it trains (a whole replica, or its TP shard), micro-batched,
+        and the sums are all-reduced. Collective."""
+        return EvalShare(self.module, self.dp_rank, self.dp_size, True, self.eval_micro_batch())
+
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        return values
 
     def save(self, ckpt_root: Path, state: dict) -> Path:
         """Write a training checkpoint of step ``state["counters"]["step"]``. Collective."""
@@ -628,6 +660,9 @@ class _DistributedBase(Engine):
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return self.ctx.all_reduce_sum(values)
+
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        return self.ctx.all_reduce_max(values)
 
     def barrier(self) -> None:
         self.ctx.barrier()
@@ -1038,15 +1073,23 @@ class ParallelEngine(_DistributedBase):
         sd = pipeline_full_state_dict(self.model, self.stage)
         return sd if self.is_rank0 else None
 
-    def eval_model(self) -> ImplicitLM | None:
+    def eval_share(self) -> EvalShare:
+        """Without PP every rank evaluates with the model it trains: each DP replica its slice of
+        every batch, its TP ranks together on their shards (only TP rank 0's sums count), so no
+        rank holds the whole model. With PP the ring has no evaluation solve yet: the whole model
+        is gathered onto rank 0, which evaluates every batch alone (micro-batched). Collective.
+        """
+        mb = self.eval_micro_batch()
+        if self.pp == 1:
+            return EvalShare(self.model, self.dp_rank, self.dp_size, self.tp_rank == 0, mb)
         sd = self.full_state_dict()
         if not self.is_rank0:
-            return None
+            return EvalShare(None, 0, 1, False, mb)
         if self._eval is None:
             self._eval = build_model(self.local_cfg, self.model.solver_config).to(self.device)
         self._eval.load_state_dict(sd)
         self._eval.train(self.model.training)
-        return self._eval
+        return EvalShare(self._eval, 0, 1, True, mb)
 
     def export(self, path: Path) -> None:
         sd = self.full_state_dict()

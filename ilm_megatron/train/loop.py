@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from ilm_megatron.train.checkpoint import (
 )
 from ilm_megatron.train.curriculum import phase_at
 from ilm_megatron.train.data import IGNORE, build_train_data
-from ilm_megatron.train.engines import token_loss
+from ilm_megatron.train.engines import EvalShare, token_loss
 from ilm_megatron.train.metrics import MetricsLogger, flops_per_token, memory_gb, peak_tflops
 
 
@@ -67,93 +68,163 @@ def lr_at(step: int, cfg: Config) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _one_process(model: ImplicitLM | None, cfg: Config) -> EvalShare:
+    """Evaluation in this process alone, in training-size micro-batches."""
+    t = cfg.train
+    mb = t.eval_micro_batch or max(1, t.batch_size // cfg.parallel.microbatches)
+    return EvalShare(model, 0, 1, True, mb)
+
+
+def _no_reduce(values: list[float]) -> list[float]:
+    return values
+
+
 @torch.no_grad()
-def evaluate(
-    model: ImplicitLM, cfg: Config, length: int, batches: int, seed: int, device: torch.device
+def evaluate_pass(
+    share: EvalShare,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    vocab: int,
+    device: torch.device,
+    max_iter: int | None = None,
+    last: int = 0,
+    reduce_sum: Callable[[list[float]], list[float]] = _no_reduce,
+    reduce_max: Callable[[list[float]], list[float]] = _no_reduce,
 ) -> dict[str, float]:
-    """Accuracy (all positions and last 10) and solver statistics at ``length``.
+    """Loss, accuracy and solver statistics of ``share.model`` over ``batches`` of ``(x, y)``
+    (b, l), each cut into this rank's slice and that into micro-batches; the sums are reduced
+    over the ranks (``reduce_sum``/``reduce_max``, collective when distributed: every rank
+    calls this, with or without a model).
+
+    Returns ``loss`` (mean over the targets that count), ``acc_all``, with ``last > 0`` also
+    ``acc_last{last}`` (the last ``last`` positions), ``iters_mean``/``iters_max``/
+    ``residual_max`` over the samples, and ``samples``, the sequences evaluated.
+    """
+    model = share.model
+    s = [0.0] * 7  # loss sum, targets, correct, last correct, last targets, iters sum, samples
+    m = [0.0, 0.0]  # iters max, residual max
+    if model is not None:
+        was_training = model.training
+        model.eval()
+        for x, y in batches:
+            n = x.shape[0]
+            if n % share.parts:
+                raise ValueError(
+                    f"validation batch of {n} sequences does not split over {share.parts} "
+                    "data-parallel replicas"
+                )
+            lo = share.part * n // share.parts
+            hi = lo + n // share.parts
+            for xc, yc in zip(x[lo:hi].split(share.micro_batch), y[lo:hi].split(share.micro_batch)):
+                xc, yc = xc.to(device), yc.to(device)
+                out = model(xc, max_iter=max_iter)
+                keep = yc != IGNORE
+                k = keep.sum().item()
+                hits = (out.logits[..., :vocab].argmax(-1) == yc) & keep
+                s[0] += token_loss(out.logits, yc, vocab).item() * k
+                s[1] += k
+                s[2] += hits.sum().item()
+                if last:
+                    s[3] += hits[:, -last:].sum().item()
+                    s[4] += keep[:, -last:].sum().item()
+                it = out.stats.sample_iters.float().flatten()
+                s[5] += it.sum().item()
+                s[6] += it.numel()
+                m[0] = max(m[0], it.max().item())
+                m[1] = max(m[1], out.stats.residual.float().max().item())
+        model.train(was_training)
+    if not share.reports:
+        s, m = [0.0] * 7, [0.0, 0.0]
+    s, m = reduce_sum(s), reduce_max(m)
+    if s[1] == 0:
+        raise ValueError("validation saw no targets (empty or fully ignored batches)")
+    res = {
+        "loss": s[0] / s[1],
+        "acc_all": s[2] / s[1],
+        "iters_mean": s[5] / s[6],
+        "iters_max": m[0],
+        "residual_max": m[1],
+        "samples": int(s[6]),  # sequences evaluated over all ranks (each exactly once)
+    }
+    if last:
+        res[f"acc_last{last}"] = s[3] / s[4]
+    return res
+
+
+def evaluate(
+    model: ImplicitLM | None,
+    cfg: Config,
+    length: int,
+    batches: int,
+    seed: int,
+    device: torch.device,
+    share: EvalShare | None = None,
+    engine: Any = None,
+) -> dict[str, float]:
+    """Word problem: accuracy (all positions and last 10), loss and solver statistics at
+    ``length`` over ``batches`` seeded batches of ``train.batch_size`` sequences.
 
     The simultaneous solve needs about as many iterations as the sequence is long on state-tracking
     tasks, so the eval cap grows with ``length / data.seq_len`` (never below the configured cap).
+    ``share``/``engine``: a distributed pass (:meth:`Engine.eval_share`); default: this process
+    alone, in training-size micro-batches.
     """
-    cap = math.ceil(model.eval_max_iter() * max(1.0, length / cfg.data.seq_len))
-    was_training = model.training
-    model.eval()
+    share = share or _one_process(model, cfg)
+    cap = None
+    if share.model is not None:
+        cap = math.ceil(share.model.eval_max_iter() * max(1.0, length / cfg.data.seq_len))
     g = torch.Generator().manual_seed(seed)
-    vocab = cfg.model.vocab_size
-    correct = last = total = total_last = 0
-    loss_sum, iters, res = 0.0, [], []
-    for _ in range(batches):
-        x, y = sample_word_problem(
-            cfg.data.group, cfg.train.batch_size, length, g, cfg.data.easy_frac
-        )
-        x, y = x.to(device), y.to(device)
-        out = model(x, max_iter=cap)
-        pred = out.logits[..., :vocab].argmax(-1)
-        loss_sum += token_loss(out.logits, y, vocab).item()
-        correct += (pred == y).sum().item()
-        total += y.numel()
-        last += (pred[:, -10:] == y[:, -10:]).sum().item()
-        total_last += y[:, -10:].numel()
-        iters.append(out.stats.sample_iters.float())
-        res.append(out.stats.residual.float())
-    model.train(was_training)
-    it, r = torch.cat(iters), torch.cat(res)
-    return {
-        "length": length,
-        "loss": loss_sum / batches,
-        "acc_all": correct / total,
-        "acc_last10": last / total_last,
-        "iters_mean": it.mean().item(),
-        "iters_max": it.max().item(),
-        "residual_max": r.max().item(),
-    }
+
+    def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(batches):
+            yield sample_word_problem(
+                cfg.data.group, cfg.train.batch_size, length, g, cfg.data.easy_frac
+            )
+
+    res = evaluate_pass(share, gen(), cfg.model.vocab_size, device, cap, 10, *_reducers(engine))
+    return {"length": length, **res}
 
 
-@torch.no_grad()
 def evaluate_batches(
-    model: ImplicitLM, batches: list[tuple[torch.Tensor, torch.Tensor]], vocab: int, device
+    model: ImplicitLM | None,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    vocab: int,
+    device: torch.device,
+    share: EvalShare | None = None,
+    engine: Any = None,
 ) -> dict[str, float]:
     """Loss, perplexity, token accuracy and solver statistics over fixed ``(x, y)`` batches."""
-    was_training = model.training
-    model.eval()
-    loss_sum = correct = total = 0.0
-    iters, res = [], []
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        n = (y != IGNORE).sum().item()  # targets that count (all but ignored positions)
-        loss_sum += token_loss(out.logits, y, vocab).item() * n
-        correct += ((out.logits[..., :vocab].argmax(-1) == y) & (y != IGNORE)).sum().item()
-        total += n
-        iters.append(out.stats.sample_iters.float().flatten())
-        res.append(out.stats.residual.float().flatten())
-    model.train(was_training)
-    it, r = torch.cat(iters), torch.cat(res)
-    loss = loss_sum / total
+    if share is None:
+        mb = batches[0][0].shape[0] if batches else 1
+        share = EvalShare(model, 0, 1, True, mb)
+    res = evaluate_pass(share, batches, vocab, device, None, 0, *_reducers(engine))
     return {
         "length": batches[0][0].shape[1],
-        "loss": loss,
-        "ppl": math.exp(min(loss, 50.0)),
-        "acc_all": correct / total,
-        "iters_mean": it.mean().item(),
-        "iters_max": it.max().item(),
-        "residual_max": r.max().item(),
+        **res,
+        "ppl": math.exp(min(res["loss"], 50.0)),
     }
 
 
-def validate(model: ImplicitLM, cfg: Config, data: Any, device: torch.device) -> dict[str, float]:
+def _reducers(engine: Any) -> tuple[Callable, Callable]:
+    if engine is None:
+        return _no_reduce, _no_reduce
+    return engine.all_reduce_sum, engine.all_reduce_max
+
+
+def validate(
+    share: EvalShare, cfg: Config, data: Any, device: torch.device, engine: Any = None
+) -> dict[str, float]:
     """Periodic validation: the word problem at its training length, or the shards' val split."""
     if cfg.data.task == "word_problem":
         return evaluate(
-            model, cfg, cfg.data.seq_len, cfg.train.eval_batches, cfg.train.seed + 2, device
-        )
+            share.model, cfg, cfg.data.seq_len, cfg.train.eval_batches, cfg.train.seed + 2,
+            device, share, engine,
+        )  # fmt: skip
     batches = data.val_batches(cfg.train.batch_size, cfg.train.eval_batches)
     if not batches:
         raise ValueError(
             f"validation on {cfg.data.task} needs a validation split (data.val_fraction)"
         )
-    return evaluate_batches(model, batches, cfg.model.vocab_size, device)
+    return evaluate_batches(share.model, batches, cfg.model.vocab_size, device, share, engine)
 
 
 class _StopFlag:
@@ -232,18 +303,15 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
         return engine.save(ckpt_root, trainer_state)
 
     def evaluate_now(lengths: list[int] | None = None) -> list[dict[str, float]]:
-        """Validation on a full model on rank 0 (collective: TP/PP gather the weights)."""
-        model = engine.eval_model()
-        evals = []
-        if model is not None:
-            if lengths is None:
-                evals = [validate(model, cfg, data, device)]
-            else:
-                seed = cfg.train.seed + 2
-                evals = [evaluate(model, cfg, n, cfg.train.eval_batches, seed, device)
-                         for n in lengths]  # fmt: skip
-        engine.barrier()
-        return evals
+        """Validation (collective): every data-parallel replica evaluates its slice of each batch
+        in micro-batches on the model it trains, and the sums are all-reduced."""
+        share = engine.eval_share()
+        red = engine if engine.distributed else None
+        if lengths is None:
+            return [validate(share, cfg, data, device, red)]
+        seed = cfg.train.seed + 2
+        return [evaluate(share.model, cfg, n, cfg.train.eval_batches, seed, device, share, red)
+                for n in lengths]  # fmt: skip
 
     result = TrainResult(run_dir)
     log.say(
