@@ -323,6 +323,7 @@ def pipeline_forward_backward(
     keep_logits: bool = False,
     autocast: Callable[[], AbstractContextManager] | None = None,
     group: dist.ProcessGroup | None = None,
+    evaluate: bool = False,
 ) -> tuple[list[torch.Tensor], PipelineStats]:
     """Solve, phantom steps and backward of ``N`` micro-batches on a ring of ``P`` stages.
 
@@ -351,6 +352,9 @@ def pipeline_forward_backward(
         group: a gloo process group holding ``pp_ranks`` for the ring's messages (default: the
             default group, which must then be gloo); with NCCL training use
             :func:`~ilm_megatron.parallel.state.pipeline_ring_group`.
+        evaluate: the evaluation solve instead of training: the solve only (``cfg``'s cap and
+            tolerance: pass the eval ones), then the head on each micro-batch's best iterate, as
+            the single-process model's training-rule eval solve; no phantom steps, no backward.
 
     Returns:
         ``(losses, stats)``: on the last stage the N detached, unscaled losses; [] elsewhere.
@@ -361,6 +365,8 @@ def pipeline_forward_backward(
     explicit = not stage.config.implicit
     if explicit:  # one pass of the stack: no solve, one undamped "phantom" step with autograd
         cap, k, lam = 0, 1, 1.0
+    if evaluate:
+        backward = False
     P, rank = stage.pp_size, stage.pp_rank
     if ids_microbatches is not None and stage.is_first:
         n_microbatches = len(ids_microbatches)
@@ -466,7 +472,10 @@ def pipeline_forward_backward(
             assert ring.popleft() == i, "ring order broken"
             if kind == K_SOLVE:
                 stats.iters[i] = step
-                if flag:  # solved: z is the best iterate, continue with phantom step 1
+                if flag and evaluate:  # solved; the last stage applied the head
+                    if pending:
+                        start_new()
+                elif flag:  # solved: z is the best iterate, continue with phantom step 1
                     start(i, K_PHANTOM, 1, z)
                 else:
                     start(i, K_SOLVE, step + 1, z)
@@ -502,6 +511,14 @@ def pipeline_forward_backward(
                 with timer:
                     done = _solver_update(mb, out, step, cap, tol)
                 stats.iters[i] = step
+                if done and evaluate:
+                    with torch.no_grad(), timer, amp():
+                        logits = stage.head(mb.best)
+                        mb.loss = loss_fn(logits, targets_microbatches[i])
+                    if keep_logits:
+                        mb.logits = logits
+                    comm.put(0, TAG_RET, K_SOLVE, i, step, 1)
+                    continue
                 comm.put(0, TAG_RET, K_SOLVE, i, step, int(done), mb.best if done else out)
                 continue
             # phantom step on the last stage: damping with z_{j-1} held here

@@ -361,6 +361,10 @@ class EvalShare:
     parts: int
     reports: bool
     micro_batch: int
+    # pipeline parallel: ``forward(xs, ys, max_iter, on_logits, on_stats)`` runs this slice's
+    # micro-batches through the ring; the last stage calls ``on_logits(logits, y)`` and
+    # ``on_stats(stats)`` per micro-batch
+    forward: Callable | None = None
 
 
 @dataclass
@@ -1074,14 +1078,18 @@ class ParallelEngine(_DistributedBase):
         return sd if self.is_rank0 else None
 
     def eval_share(self) -> EvalShare:
-        """Without PP every rank evaluates with the model it trains: each DP replica its slice of
-        every batch, its TP ranks together on their shards (only TP rank 0's sums count), so no
-        rank holds the whole model. With PP the ring has no evaluation solve yet: the whole model
-        is gathered onto rank 0, which evaluates every batch alone (micro-batched). Collective.
-        """
+        """Every rank evaluates with the model it trains, so no rank holds the whole model: each
+        DP replica takes its slice of every batch, its TP ranks run it together on their shards
+        (only TP rank 0's sums count), and under PP the slice's micro-batches go around the ring
+        with the evaluation solve (:meth:`_ring_eval`; the last stage's sums count). Only
+        ``solver.eval_solver=reference`` under PP, which the ring does not run, gathers the
+        weights onto rank 0, which evaluates alone. Collective."""
         mb = self.eval_micro_batch()
         if self.pp == 1:
             return EvalShare(self.model, self.dp_rank, self.dp_size, self.tp_rank == 0, mb)
+        if self.cfg.solver.eval_solver == "train":  # the ring runs the training-rule solve
+            reports = self.is_last_stage and self.tp_rank == 0
+            return EvalShare(None, self.dp_rank, self.dp_size, reports, mb, self._ring_eval)
         sd = self.full_state_dict()
         if not self.is_rank0:
             return EvalShare(None, 0, 1, False, mb)
@@ -1090,6 +1098,42 @@ class ParallelEngine(_DistributedBase):
         self._eval.load_state_dict(sd)
         self._eval.train(self.model.training)
         return EvalShare(self._eval, 0, 1, True, mb)
+
+    def _ring_eval(
+        self,
+        xs: list[torch.Tensor],
+        ys: list[torch.Tensor],
+        max_iter: int | None,
+        on_logits: Callable,
+        on_stats: Callable,
+    ) -> None:
+        """Evaluation solve of micro-batches ``xs``/``ys`` (b, l) around the pipeline ring (the
+        eval cap ``max_iter`` or ``ceil(eval_max_iter_mult * f_max_iter)``, the eval tolerance);
+        the last stage reports each micro-batch's logits and solver statistics."""
+        from ilm_megatron.parallel.pipeline import pipeline_forward_backward
+
+        s = self.cfg.solver
+        cap = max_iter if max_iter is not None else math.ceil(s.eval_max_iter_mult * s.f_max_iter)
+        solver = dataclasses.replace(s, f_max_iter=cap, f_tol=s.eval_tol or s.f_tol)
+
+        def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            on_logits(logits, targets)
+            return logits.new_zeros(())
+
+        _, pstats = pipeline_forward_backward(
+            self.stage,
+            xs if self.pp_rank == 0 else None,
+            ys if self.is_last_stage else None,
+            solver,
+            n_microbatches=len(xs),
+            in_flight=len(xs),
+            pp_ranks=self.pp_ranks,
+            loss_fn=loss_fn,
+            group=self.ring_group,
+            evaluate=True,
+        )
+        for st in pstats.solver:
+            on_stats(st)
 
     def export(self, path: Path) -> None:
         sd = self.full_state_dict()

@@ -79,6 +79,28 @@ def _no_reduce(values: list[float]) -> list[float]:
     return values
 
 
+def _add_logits(s: list[float], logits: torch.Tensor, y: torch.Tensor, vocab: int, last: int):
+    """Accumulate loss sum, targets, hits (and last-position hits) of one micro-batch into s."""
+    keep = y != IGNORE
+    k = keep.sum().item()
+    hits = (logits[..., :vocab].argmax(-1) == y) & keep
+    s[0] += token_loss(logits, y, vocab).item() * k
+    s[1] += k
+    s[2] += hits.sum().item()
+    if last:
+        s[3] += hits[:, -last:].sum().item()
+        s[4] += keep[:, -last:].sum().item()
+
+
+def _add_stats(s: list[float], m: list[float], stats: Any) -> None:
+    """Accumulate per-sample iterations into s and the maxima into m."""
+    it = stats.sample_iters.float().flatten()
+    s[5] += it.sum().item()
+    s[6] += it.numel()
+    m[0] = max(m[0], it.max().item())
+    m[1] = max(m[1], stats.residual.float().max().item())
+
+
 @torch.no_grad()
 def evaluate_pass(
     share: EvalShare,
@@ -90,47 +112,52 @@ def evaluate_pass(
     reduce_sum: Callable[[list[float]], list[float]] = _no_reduce,
     reduce_max: Callable[[list[float]], list[float]] = _no_reduce,
 ) -> dict[str, float]:
-    """Loss, accuracy and solver statistics of ``share.model`` over ``batches`` of ``(x, y)``
-    (b, l), each cut into this rank's slice and that into micro-batches; the sums are reduced
-    over the ranks (``reduce_sum``/``reduce_max``, collective when distributed: every rank
-    calls this, with or without a model).
+    """Loss, accuracy and solver statistics over ``batches`` of ``(x, y)`` (b, l), each cut into
+    this rank's slice and that into micro-batches, run by ``share.model`` (or ``share.forward``,
+    the pipeline ring); the sums are reduced over the ranks (``reduce_sum``/``reduce_max``,
+    collective when distributed: every rank calls this, with or without a model).
 
     Returns ``loss`` (mean over the targets that count), ``acc_all``, with ``last > 0`` also
     ``acc_last{last}`` (the last ``last`` positions), ``iters_mean``/``iters_max``/
     ``residual_max`` over the samples, and ``samples``, the sequences evaluated.
     """
-    model = share.model
+    model, mb = share.model, share.micro_batch
     s = [0.0] * 7  # loss sum, targets, correct, last correct, last targets, iters sum, samples
     m = [0.0, 0.0]  # iters max, residual max
+    was_training = model.training if model is not None else False
     if model is not None:
-        was_training = model.training
         model.eval()
-        for x, y in batches:
-            n = x.shape[0]
-            if n % share.parts:
+    for x, y in batches:
+        n = x.shape[0]
+        if n % share.parts:
+            raise ValueError(
+                f"validation batch of {n} sequences does not split over {share.parts} "
+                "data-parallel replicas"
+            )
+        lo = share.part * n // share.parts
+        hi = lo + n // share.parts
+        xs, ys = list(x[lo:hi].split(mb)), list(y[lo:hi].split(mb))
+        if share.forward is not None:
+            if (hi - lo) % mb:
                 raise ValueError(
-                    f"validation batch of {n} sequences does not split over {share.parts} "
-                    "data-parallel replicas"
+                    f"train.eval_micro_batch={mb} does not divide the {hi - lo} validation "
+                    "sequences of each data-parallel replica (the pipeline needs equal "
+                    "micro-batches)"
                 )
-            lo = share.part * n // share.parts
-            hi = lo + n // share.parts
-            for xc, yc in zip(x[lo:hi].split(share.micro_batch), y[lo:hi].split(share.micro_batch)):
-                xc, yc = xc.to(device), yc.to(device)
-                out = model(xc, max_iter=max_iter)
-                keep = yc != IGNORE
-                k = keep.sum().item()
-                hits = (out.logits[..., :vocab].argmax(-1) == yc) & keep
-                s[0] += token_loss(out.logits, yc, vocab).item() * k
-                s[1] += k
-                s[2] += hits.sum().item()
-                if last:
-                    s[3] += hits[:, -last:].sum().item()
-                    s[4] += keep[:, -last:].sum().item()
-                it = out.stats.sample_iters.float().flatten()
-                s[5] += it.sum().item()
-                s[6] += it.numel()
-                m[0] = max(m[0], it.max().item())
-                m[1] = max(m[1], out.stats.residual.float().max().item())
+            xs, ys = [t.to(device) for t in xs], [t.to(device) for t in ys]
+            share.forward(
+                xs, ys, max_iter, lambda lg, t: _add_logits(s, lg, t, vocab, last),
+                lambda st: _add_stats(s, m, st),
+            )  # fmt: skip
+            continue
+        if model is None:
+            continue
+        for xc, yc in zip(xs, ys):
+            xc, yc = xc.to(device), yc.to(device)
+            out = model(xc, max_iter=max_iter)
+            _add_logits(s, out.logits, yc, vocab, last)
+            _add_stats(s, m, out.stats)
+    if model is not None:
         model.train(was_training)
     if not share.reports:
         s, m = [0.0] * 7, [0.0, 0.0]
@@ -169,9 +196,9 @@ def evaluate(
     alone, in training-size micro-batches.
     """
     share = share or _one_process(model, cfg)
-    cap = None
-    if share.model is not None:
-        cap = math.ceil(share.model.eval_max_iter() * max(1.0, length / cfg.data.seq_len))
+    s = cfg.solver
+    eval_cap = math.ceil(s.eval_max_iter_mult * s.f_max_iter)  # ImplicitLM.eval_max_iter
+    cap = math.ceil(eval_cap * max(1.0, length / cfg.data.seq_len))
     g = torch.Generator().manual_seed(seed)
 
     def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
