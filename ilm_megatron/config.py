@@ -96,8 +96,19 @@ class ModelConfig:
             f"must be one of {kernels}, got {self.kernel_backend!r}",
         )
         _check(self.iterate_init_scale > 0, s, "iterate_init_scale", "must be > 0")
-        for k in ("vocab_size", "d_model", "n_layers", "pad_vocab_multiple"):
+        # sizes (derived sizes divide by some of them: check before any division)
+        shape = ("vocab_size", "d_model", "n_layers", "pad_vocab_multiple", "d_state", "headdim")
+        for k in (*shape, "expand", "ngroups", "chunk_size", "n_heads"):
             _check(getattr(self, k) > 0, s, k, f"must be > 0, got {getattr(self, k)}")
+        _check(self.ffn_hidden_size >= 0, s, "ffn_hidden_size", "must be >= 0 (0: 4 * d_model)")
+        for k in ("norm_eps", "init_std", "dt_min", "dt_init_floor", "rope_theta"):
+            _check(getattr(self, k) > 0, s, k, f"must be > 0, got {getattr(self, k)}")
+        _check(
+            self.dt_max >= self.dt_min,
+            s,
+            "dt_max",
+            f"must be >= model.dt_min={self.dt_min}, got {self.dt_max}",
+        )
         if self.arch == "mamba2":
             d_inner = self.expand * self.d_model
             _check(
@@ -114,7 +125,6 @@ class ModelConfig:
                 f"nheads={nheads} is not divisible by ngroups={self.ngroups}",
             )
             _check(self.d_conv >= 2, s, "d_conv", f"must be >= 2, got {self.d_conv}")
-            _check(self.chunk_size > 0, s, "chunk_size", f"must be > 0, got {self.chunk_size}")
         else:
             _check(
                 self.d_model % self.n_heads == 0,
@@ -279,9 +289,38 @@ class TrainConfig:
         )
         _check(0 < self.decay_fraction <= 1, s, "decay_fraction", "must be in (0, 1]")
         _check(self.max_nan_steps >= 1, s, "max_nan_steps", "must be >= 1")
-        _check(self.eval_micro_batch >= 0, s, "eval_micro_batch", "must be >= 0")
-        for k in ("max_steps", "batch_size", "log_interval"):
+        for k in ("max_steps", "batch_size", "log_interval", "eval_batches"):
             _check(getattr(self, k) > 0, s, k, f"must be > 0, got {getattr(self, k)}")
+        _check(
+            self.bounded_phantom_steps >= 1,
+            s,
+            "bounded_phantom_steps",
+            f"must be >= 1, got {self.bounded_phantom_steps}",
+        )
+        # 0 means "off" or "default" for these (clip_grad=0: no clipping; save_interval=0: only at
+        # the end; eval_interval=0: only at the end; threads=0: torch's default; ...)
+        for k in (
+            "clip_grad",
+            "save_interval",
+            "eval_interval",
+            "eval_micro_batch",
+            "warmup_steps",
+            "weight_decay",
+            "threads",
+            "global_batch_tokens",
+            "peak_tflops",
+            "seed",
+            "bounded_max_iter",
+        ):
+            _check(getattr(self, k) >= 0, s, k, f"must be >= 0, got {getattr(self, k)}")
+        for k in ("beta1", "beta2"):
+            _check(0 <= getattr(self, k) < 1, s, k, f"must be in [0, 1), got {getattr(self, k)}")
+        _check(
+            0 <= self.min_lr_ratio <= 1,
+            s,
+            "min_lr_ratio",
+            f"must be in [0, 1], got {self.min_lr_ratio}",
+        )
         _check(self.lr > 0, s, "lr", f"must be > 0, got {self.lr}")
         _check(self.device in ("auto", "cpu", "cuda"), s, "device", f"unknown {self.device!r}")
         _check(
@@ -317,6 +356,7 @@ class DataConfig:
         )
         _check(self.catbabi_mode in ("qa", "lm"), s, "catbabi_mode", "must be 'qa' or 'lm'")
         _check(self.seq_len > 0, s, "seq_len", f"must be > 0, got {self.seq_len}")
+        _check(self.eval_seq_len >= 0, s, "eval_seq_len", f"must be >= 0, got {self.eval_seq_len}")
         _check(0 <= self.easy_frac < 1, s, "easy_frac", f"must be in [0, 1), got {self.easy_frac}")
         _check(0 <= self.val_fraction < 1, s, "val_fraction", "must be in [0, 1)")
         _check(self.num_workers >= 0, s, "num_workers", "must be >= 0")
