@@ -18,6 +18,7 @@ word problem on a CPU.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -477,6 +478,7 @@ def _validate_cross(cfg: Config) -> Config:
         )
         # sequences per global batch
         cfg = replace(cfg, train=replace(cfg.train, batch_size=tokens // cfg.data.seq_len))
+    check_layout(cfg, _launch_world_size())
     if cfg.data.task == "word_problem":
         from ilm_megatron.data.word_problem import group_order
 
@@ -489,6 +491,79 @@ def _validate_cross(cfg: Config) -> Config:
             f"{n} symbols",
         )
     return cfg
+
+
+def _launch_world_size() -> int | None:
+    """``WORLD_SIZE`` of a multi-process launch (torchrun, the deepspeed launcher), else None.
+
+    A process without it, or with ``WORLD_SIZE=1``, may load a config for a layout it does not run
+    itself (``tools/check_parallel.py`` spawns its own workers): the launch checks are left to
+    :func:`ilm_megatron.train.distributed.check_parallel` at engine start.
+    """
+    text = os.environ.get("WORLD_SIZE", "").strip()
+    if not text:
+        return None
+    try:
+        world = int(text)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={text!r} (set by the launcher) is not an integer") from None
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE={world} (set by the launcher) must be >= 1")
+    return world if world > 1 else None
+
+
+def check_layout(cfg: Config, world_size: int | None = None) -> None:
+    """Refuse a parallel layout that the engines cannot build, naming the keys and values.
+
+    Runs at config load (before any process group exists), so a bad layout under ``torchrun``
+    fails in seconds instead of after the model is built. Without ``world_size`` (the launcher's
+    ``WORLD_SIZE``, unknown in a plain process) only what holds for every world size is checked:
+    each pipeline stage needs a layer, ZeRO-2 is data parallel only, and the global batch splits
+    into ``parallel.microbatches`` equal micro-batches. With it: the world is a multiple of
+    ``tp * pp`` and the batch splits over the ``world / (tp * pp)`` data-parallel ranks too.
+
+    Raises:
+        ConfigError: naming the keys and their values.
+    """
+    par, m, t = cfg.parallel, cfg.model, cfg.train
+    mp = par.tp * par.pp
+    layout = f"parallel.tp={par.tp} x parallel.pp={par.pp}"
+    _check(
+        par.pp <= m.n_layers,
+        "parallel",
+        "pp",
+        f"{par.pp} pipeline stages need at least {par.pp} layers, model.n_layers={m.n_layers}",
+    )
+    _check(
+        mp == 1 or par.zero_stage <= 1,
+        "parallel",
+        "zero_stage",
+        f"{par.zero_stage} with {layout}: with tensor/pipeline parallelism the optimizer state "
+        "can be sharded over the data-parallel group (parallel.zero_stage=1), the gradients "
+        "cannot (ZeRO-2 runs on the DeepSpeed engine, which is data parallel only)",
+    )
+    _check(
+        t.batch_size % par.microbatches == 0,
+        "train",
+        "batch_size",
+        f"{t.batch_size} is not divisible by parallel.microbatches={par.microbatches}",
+    )
+    if world_size is None:
+        return
+    if world_size % mp:
+        raise ConfigError(
+            f"{layout} needs a multiple of {mp} processes, got WORLD_SIZE={world_size}: launch "
+            f"with torchrun --nproc-per-node {mp} (or launchers/torchrun.sh)"
+        )
+    dp = world_size // mp
+    per_rank, rem = divmod(t.batch_size, dp)
+    _check(
+        rem == 0 and per_rank % par.microbatches == 0,
+        "train",
+        "batch_size",
+        f"{t.batch_size} must split evenly over {dp} data-parallel rank(s) (WORLD_SIZE="
+        f"{world_size} / ({layout})) x parallel.microbatches={par.microbatches}",
+    )
 
 
 def _validate_tensor_parallel(cfg: Config) -> Config:

@@ -1,7 +1,8 @@
 """Bad input is refused early, in one line that names the culprit.
 
-Config values: a ``ConfigError`` from :func:`load_config` that names the key, before any model,
-dataset or process group exists.
+Config values (a ``ConfigError`` from :func:`load_config` that names the key, before any model,
+dataset or process group exists) and parallel layouts (at config load, so a ``torchrun`` launch
+fails within seconds).
 """
 
 from __future__ import annotations
@@ -85,3 +86,59 @@ def test_shipped_configs_still_load() -> None:
     base = CONFIGS / "tasks" / "state_tracking_implicit_mamba2.yaml"
     for path in sorted(CONFIGS.rglob("*.yaml")):
         load_config([base, path] if path.name.startswith("group_") else [path])  # overlays
+
+
+# ---------------------------------------------------------------------------- parallel layout
+
+
+def test_more_stages_than_layers_refused_at_load() -> None:
+    msg = _refused(["model.n_layers=2", "parallel.pp=3"])
+    assert "parallel.pp: 3 pipeline stages need at least 3 layers, model.n_layers=2" in msg
+    load_config([], ["model.n_layers=3", "parallel.pp=3"])  # one layer per stage is enough
+
+
+def test_zero2_with_model_parallelism_refused_at_load() -> None:
+    msg = _refused(["model.n_layers=2", "parallel.pp=2", "parallel.zero_stage=2"])
+    assert "parallel.zero_stage: 2 with parallel.tp=1 x parallel.pp=2" in msg
+
+
+def test_batch_not_divisible_by_microbatches_refused_at_load() -> None:
+    msg = _refused(["train.batch_size=10", "parallel.microbatches=4"])
+    assert "train.batch_size: 10 is not divisible by parallel.microbatches=4" in msg
+    # the global batch derived from tokens is checked too
+    msg = _refused(["data.seq_len=16", "train.global_batch_tokens=96", "parallel.microbatches=4"])
+    assert "train.batch_size: 6 is not divisible by parallel.microbatches=4" in msg
+
+
+def test_launch_size_checked_at_load_when_world_size_is_known(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    msg = _refused(["model.arch=llama", "parallel.tp=2"])
+    assert "parallel.tp=2 x parallel.pp=1 needs a multiple of 2 processes, got WORLD_SIZE=3" in msg
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    msg = _refused(["model.arch=llama", "parallel.tp=2", "train.batch_size=6",
+                    "parallel.microbatches=2"])  # fmt: skip
+    assert (
+        "train.batch_size: 6 must split evenly over 2 data-parallel rank(s) (WORLD_SIZE=4 / "
+        "(parallel.tp=2 x parallel.pp=1)) x parallel.microbatches=2" in msg
+    )
+    load_config([], ["model.arch=llama", "parallel.tp=2", "train.batch_size=12",
+                     "parallel.microbatches=3"])  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a plain process may load a TP config (tools spawn)
+    load_config([], ["model.arch=llama", "parallel.tp=2"])
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert "WORLD_SIZE" in _refused([])
+
+
+def test_torchrun_layout_error_before_any_process_group(monkeypatch, capsys) -> None:
+    """What each rank of ``torchrun --nproc-per-node 2 ... parallel.pp=2`` does with one layer."""
+    import torch.distributed as dist
+
+    from ilm_megatron.train.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["parallel.pp=2", "model.n_layers=1"]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.pp: 2 pipeline stages need at least 2 layers, model.n_layers=1" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not dist.is_initialized()

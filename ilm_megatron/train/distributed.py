@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ilm_megatron.config import Config
+from ilm_megatron.config import Config, check_layout
 
 
 def env_world_size() -> int:
@@ -41,33 +41,16 @@ def wants_process_groups(cfg: Config) -> bool:
 
 
 def check_parallel(cfg: Config) -> None:
-    """Refuse parallel settings that cannot run with this launch, naming the values."""
-    par = cfg.parallel
-    mp = par.tp * par.pp
-    world = env_world_size()
-    if world % mp == 0:  # every rank's share of the global batch splits into equal micro-batches
-        dp = world // mp
-        per_rank, rem = divmod(cfg.train.batch_size, dp)
-        if rem or per_rank % par.microbatches:
-            raise ValueError(
-                f"train.batch_size={cfg.train.batch_size} must split evenly over {dp} "
-                f"data-parallel rank(s) x parallel.microbatches={par.microbatches}"
-            )
-    if mp == 1:
-        return
-    layout = f"parallel.tp={par.tp} x parallel.pp={par.pp}"
-    if par.zero_stage > 1:
-        raise NotImplementedError(
-            f"parallel.zero_stage={par.zero_stage} with {layout}: with tensor/pipeline "
-            "parallelism the optimizer state can be sharded over the data-parallel group "
-            "(parallel.zero_stage=1), the gradients cannot (ZeRO-2 runs on the DeepSpeed engine, "
-            "which is data parallel only)"
-        )
-    if world % mp:
-        raise ValueError(
-            f"{layout} needs a multiple of {mp} processes, got WORLD_SIZE={world}: launch with "
-            f"torchrun --nproc-per-node {mp} (or launchers/torchrun.sh)"
-        )
+    """Refuse parallel settings that cannot run with this launch, naming the values.
+
+    The checks of :func:`ilm_megatron.config.check_layout` with the launcher's world size (1
+    without a launcher); :func:`~ilm_megatron.config.load_config` has already run them when
+    ``WORLD_SIZE > 1`` was set, this catches a config built otherwise and a one-process launch.
+
+    Raises:
+        ConfigError: naming the keys, their values and ``WORLD_SIZE``.
+    """
+    check_layout(cfg, env_world_size())
 
 
 class MegatronMPU:
