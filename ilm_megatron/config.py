@@ -263,7 +263,10 @@ class TrainConfig:
     # checkpoints (run_dir/checkpoints/step-NNNNNNNN, "latest" pointer written last)
     save_interval: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGINT)
     keep_last: int = 3
-    resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
+    resume: bool = True  # continue from the newest complete checkpoint in run_dir/checkpoints
+    # start again in a run_dir that holds an earlier run: its checkpoints, metrics, TensorBoard
+    # logs and exports move to run_dir/previous-<time>/ (without it such a start is refused)
+    start_over: bool = False
     max_nan_steps: int = 10  # stop after this many non-finite losses in a row
     tensorboard: bool = True
     # solver curriculum by tokens: "none" or "bounded_then_free" (DESIGN §2)

@@ -53,7 +53,8 @@ def _add_state_tracking(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--group",
         default=None,
-        help="word problem (S3, S5, A5, A5xR3, ...); default: data.group of the run's config.yaml",
+        help="word problem (S3, S5, A5, A5xR3, ...); default: data.group of the config stored "
+        "in the checkpoint",
     )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--easy-frac", type=float, default=0.0)
@@ -85,7 +86,7 @@ def _run_state_tracking(args: argparse.Namespace) -> dict[str, Any]:
         path, run_dir = resolve_checkpoint(args.checkpoint)
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
-    group, train_len = run_config_group(run_dir)
+    group, train_len = run_config_group(run_dir, path)
     group = args.group or group
     if group is None:
         raise EvalError(

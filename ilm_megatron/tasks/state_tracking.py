@@ -140,13 +140,33 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     return f, None
 
 
-def run_config_group(run_dir: Path | None) -> tuple[str | None, int | None]:
-    """``(data.group, data.seq_len)`` recorded in ``run_dir/config.yaml`` (None when absent)."""
-    if run_dir is None:
-        return None, None
+def run_config_group(
+    run_dir: Path | None, checkpoint: Path | None = None
+) -> tuple[str | None, int | None]:
+    """``(data.group, data.seq_len)`` of the run that wrote ``checkpoint`` (None when unknown).
+
+    The config stored in the checkpoint itself rules (its safetensors metadata, or the
+    ``config.yaml`` of its checkpoint folder); ``run_dir/config.yaml`` is the fallback for files
+    written before configs were stored with the weights.
+    """
     from omegaconf import OmegaConf
 
-    data = OmegaConf.load(run_dir / "config.yaml").get("data", {})
+    from ilm_megatron.train.checkpoint import stored_config_text
+
+    text = None
+    if checkpoint is not None:
+        try:
+            text = stored_config_text(checkpoint)
+        except Exception:  # not a safetensors file: load_model reports it
+            text = None
+        beside = Path(checkpoint).parent / "config.yaml"
+        if text is None and beside.is_file() and beside.parent.name.startswith("step-"):
+            text = beside.read_text()
+    if text is None and run_dir is not None and (run_dir / "config.yaml").is_file():
+        text = (run_dir / "config.yaml").read_text()
+    if text is None:
+        return None, None
+    data = OmegaConf.create(text).get("data", {})
     if data.get("task", "word_problem") != "word_problem":
         return None, None
     return data.get("group"), data.get("seq_len")

@@ -1,23 +1,34 @@
-"""Model weights as safetensors, written atomically, with the model config in the metadata.
+"""Model weights as safetensors, written atomically, with the run's config in the metadata.
 
 A file is written under a temporary name in the same folder and renamed into place, so a crash
 mid-write never leaves a truncated checkpoint under the real name. Loading checks that the stored
 model config matches the model it is loaded into and names every mismatching field.
+
+Training checkpoints (``run_dir/checkpoints/step-NNNNNNNN/``) hold the weights, the trainer
+state, the run's ``config.yaml`` and, written last, ``manifest.json``: the size and SHA-256 of
+every file. :func:`choose_resume` verifies them newest first and falls back past a damaged or
+unfinished folder, saying which file is wrong (``docs/reliability.md``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ilm_megatron.config import Config, ModelConfig, SolverConfig
+from ilm_megatron.config import Config, ModelConfig, SolverConfig, config_to_yaml
+from ilm_megatron.errors import UserError
 from ilm_megatron.models.lm import ImplicitLM
 
 # Fields that change the parameter shapes or the function computed.
@@ -42,15 +53,30 @@ def save_state_dict(state: dict[str, torch.Tensor], cfg: Config, path: Path) -> 
         "format": "ilm-megatron/1",
         "model": json.dumps(dataclasses.asdict(cfg.model)),
         "solver": json.dumps(dataclasses.asdict(cfg.solver)),
+        "config": config_to_yaml(cfg),  # the whole run config (ilm-eval reads data.* from it)
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        set_user_mode(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def stored_config_text(path: Path) -> str | None:
+    """The whole run config (YAML) stored in a checkpoint's metadata; None for older files."""
+    with safe_open(str(path), framework="pt") as fh:
+        return (fh.metadata() or {}).get("config")
+
+
+def set_user_mode(path: Path) -> None:
+    """Give a file made by ``tempfile`` (0600, or 0700 for a folder) the mode the umask gives."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def read_configs(path: Path) -> tuple[ModelConfig, SolverConfig]:
@@ -110,6 +136,14 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 # Training checkpoints: run_dir/checkpoints/step-NNNNNNNN/{model.safetensors,trainer.pt}
 
 
+MANIFEST = "manifest.json"
+_STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(UserError, RuntimeError):
+    """No usable checkpoint where one is needed; the message names the folder and the file."""
+
+
 def _step_dir(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f"step-{step:08d}"
 
@@ -120,7 +154,77 @@ def _write_text_atomic(path: Path, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
+    set_user_mode(Path(tmp))
     os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, cfg: Config) -> None:
+    """Write the run's ``config.yaml`` into a checkpoint folder, then ``manifest.json`` (last):
+    the size and SHA-256 of every file below ``folder``. Call it once all files are written."""
+    folder = Path(folder)
+    (folder / "config.yaml").write_text(config_to_yaml(cfg))
+    files = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = f.relative_to(folder).as_posix()
+        if rel != MANIFEST:
+            files[rel] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    text = json.dumps({"format": "ilm-megatron-checkpoint/1", "files": files}, indent=1)
+    _write_text_atomic(folder / MANIFEST, text + "\n")
+
+
+def verify_checkpoint(folder: Path, legacy: bool = False) -> str | None:
+    """What is wrong with a checkpoint folder (one line naming the file), or None when every
+    file matches ``manifest.json``. ``legacy``: a folder from before manifests (none in the
+    run has one) passes when its weights and trainer state exist."""
+    folder = Path(folder)
+    man = folder / MANIFEST
+    if legacy and not man.exists():
+        for name in ("model.safetensors", "trainer.pt"):
+            if not (folder / name).is_file():
+                return f"{folder / name} is missing"
+        return None
+    if not man.is_file():
+        return f"{man} is missing (the save did not finish, or the file was removed)"
+    try:
+        files = json.loads(man.read_text())["files"]
+    except (ValueError, KeyError, UnicodeDecodeError) as e:
+        return f"{man} is unreadable ({type(e).__name__})"
+    if not isinstance(files, dict) or "model.safetensors" not in files:
+        return f"{man} lists no model.safetensors"
+    for rel, want in files.items():
+        f = folder / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{f} has {size} bytes, the manifest says {want['bytes']} (truncated?)"
+        if _sha256(f) != want["sha256"]:
+            return f"{f} does not match its SHA-256 in the manifest (corrupted)"
+    return None
+
+
+def step_folders(ckpt_root: Path) -> list[Path]:
+    """Complete-named step folders ``step-NNNNNNNN``, oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name))
+
+
+def step_of(folder: Path) -> int:
+    """The step a checkpoint folder ``step-NNNNNNNN`` holds."""
+    m = _STEP_RE.match(Path(folder).name)
+    if m is None:
+        raise ValueError(f"{folder} is not a checkpoint folder (step-NNNNNNNN)")
+    return int(m.group(1))
 
 
 def already_saved(ckpt_root: Path, final: Path) -> bool:
@@ -134,9 +238,15 @@ def already_saved(ckpt_root: Path, final: Path) -> bool:
     return (
         pointer.is_file()
         and pointer.read_text().strip() == final.name
-        and (final / "model.safetensors").is_file()
-        and (final / "trainer.pt").is_file()
+        and (final / MANIFEST).is_file()
     )
+
+
+def prune(ckpt_root: Path, keep_last: int, final: Path) -> None:
+    """Remove the oldest step folders beyond ``keep_last`` (never ``final``)."""
+    for old in step_folders(ckpt_root)[:-keep_last]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_training_checkpoint(
@@ -149,12 +259,11 @@ def save_training_checkpoint(
 ) -> Path:
     """Write a complete training checkpoint atomically and point ``latest`` at it.
 
-    The folder is built under a temporary name and renamed into place; ``latest`` (a one-line
-    text file) is replaced last. A process killed at any moment leaves the previous checkpoint
-    loadable through ``latest``. Older checkpoints beyond ``keep_last`` are removed afterwards.
+    The folder is built under a temporary name (weights, trainer state, ``config.yaml``, then
+    ``manifest.json``) and renamed into place; ``latest`` (a one-line text file) is replaced
+    last. A process killed at any moment leaves the previous checkpoint loadable. Older
+    checkpoints beyond ``keep_last`` are removed afterwards.
     """
-    import shutil
-
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = _step_dir(ckpt_root, step)
@@ -162,34 +271,132 @@ def save_training_checkpoint(
         return final
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
+        set_user_mode(tmp)
         save_model(model, cfg, tmp / "model.safetensors")
         torch.save(trainer_state, tmp / "trainer.pt")
+        fault_point("save_before_manifest")
+        write_manifest(tmp, cfg)
         if final.exists():  # a stale folder of this step that ``latest`` does not name
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    fault_point("save_before_latest")
     _write_text_atomic(ckpt_root / "latest", final.name + "\n")
-    steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-    for old in steps[:-keep_last]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    prune(ckpt_root, keep_last, final)
     return final
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The folder ``latest`` points at, or None when there is no checkpoint yet."""
+    """The folder ``latest`` points at when it holds weights and trainer state, else None
+    (for messages and tools; the trainer resumes through :func:`choose_resume`)."""
     pointer = Path(ckpt_root) / "latest"
     if not pointer.is_file():
         return None
     target = Path(ckpt_root) / pointer.read_text().strip()
     if not (target / "model.safetensors").is_file() or not (target / "trainer.pt").is_file():
-        raise FileNotFoundError(f"{pointer} points at {target}, which is not a complete checkpoint")
+        return None
     return target
+
+
+@dataclass
+class ResumeChoice:
+    """Where a run resumes. ``path``: the newest verified step folder (None: no checkpoint);
+    ``notes``: one line per folder skipped or pointer disagreement, for the console;
+    ``damaged``: folders to move aside (they fail verification)."""
+
+    path: Path | None
+    notes: list[str] = field(default_factory=list)
+    damaged: list[Path] = field(default_factory=list)
+
+
+def choose_resume(ckpt_root: Path) -> ResumeChoice:
+    """The checkpoint to resume from: the newest step folder whose files match its manifest.
+
+    ``latest`` is a hint, not the authority: a job killed between renaming a finished folder into
+    place and rewriting ``latest`` left a newer complete folder, and a missing or broken pointer
+    must not restart the run from step 0. Every folder skipped is named with its bad file.
+
+    Raises:
+        CheckpointError: step folders exist but none verifies (nothing is loaded or removed).
+    """
+    root = Path(ckpt_root)
+    folders = step_folders(root)
+    pointer = root / "latest"
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    if not folders:
+        if named:
+            raise CheckpointError(f"{pointer} names {named}, but {root} holds no step folder")
+        return ResumeChoice(None)
+    legacy = not any((f / MANIFEST).exists() for f in folders)
+    choice = ResumeChoice(None)
+    for f in reversed(folders):
+        problem = verify_checkpoint(f, legacy)
+        if problem is None:
+            choice.path = f
+            break
+        choice.notes.append(f"checkpoint {f.name} is not usable: {problem}")
+        choice.damaged.append(f)
+    if choice.path is None:
+        raise CheckpointError(
+            f"no usable checkpoint in {root}: " + "; ".join(choice.notes)
+            + " (move the folder aside to start over, or set train.start_over=true)"
+        )  # fmt: skip
+    if named is None:
+        choice.notes.append(f"{pointer} is missing; resuming from {choice.path.name}")
+    elif named != choice.path.name and not any(d.name == named for d in choice.damaged):
+        choice.notes.append(f"{pointer} names {named}; resuming from {choice.path.name}")
+    if choice.damaged:
+        choice.notes.append(f"falling back to {choice.path.name}")
+    return choice
+
+
+def move_aside(folder: Path, why: str) -> Path:
+    """Rename ``folder`` to ``<name>.<why>-<time>`` beside it (never delete a user's data)."""
+    folder = Path(folder)
+    dest = folder.with_name(f"{folder.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while dest.exists():
+        dest = folder.with_name(f"{folder.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    os.replace(folder, dest)
+    return dest
+
+
+def remove_unfinished(ckpt_root: Path) -> None:
+    """Remove temporary folders ``.step-*.tmp`` left by saves that were killed (hold the run
+    directory lock: another job's save in progress would look the same)."""
+    root = Path(ckpt_root)
+    if root.is_dir():
+        for p in root.glob(".step-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_training_checkpoint(path: Path, model: ImplicitLM) -> dict:
     """Load weights into ``model`` (architecture checked) and return the trainer state."""
     load_model(Path(path) / "model.safetensors", model)
     return torch.load(Path(path) / "trainer.pt", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault points for the fault-injection tests: ILM_FAULT=name[@N] kills this process (SIGKILL,
+# as the OOM killer or a node failure would) the N-th time (default 1st) it reaches ``name``.
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Die here when ``ILM_FAULT`` names this point (tests and ``tools/chaos_train.py``)."""
+    spec = os.environ.get("ILM_FAULT")
+    if not spec:
+        return
+    want, _, nth = spec.partition("@")
+    if want != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    rank_ok = os.environ.get("ILM_FAULT_RANK", os.environ.get("RANK", "0")) == os.environ.get(
+        "RANK", "0"
+    )
+    if rank_ok and _FAULT_COUNTS[name] == int(nth or 1):
+        os.kill(os.getpid(), 9)

@@ -9,11 +9,14 @@ on the CPU, in about a minute.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 
 from ilm_megatron.config import ConfigError, load_config
+from ilm_megatron.errors import RunError, UserError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -31,17 +34,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # flags may come between overrides
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def report_error(prog: str, e: BaseException, kind: str = "error") -> int:
+    """One line on stderr naming the culprit, and exit status 2. Errors every rank raises alike
+    (a config value, a run directory check) are printed by rank 0 only; others say their rank.
+    ``ILM_DEBUG=1`` prints the traceback as well."""
+    if os.environ.get("ILM_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(e)
+    same_everywhere = isinstance(e, (ConfigError, RunError))
+    if _rank() == 0:
+        print(f"{prog}: {kind}: {e}", file=sys.stderr, flush=True)
+    elif not same_everywhere:
+        print(f"{prog}: {kind} on rank {_rank()}: {e}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"ilm-train: config error: {e}", file=sys.stderr)
-        return 2
+        return report_error("ilm-train", e, "config error")
     warnings.filterwarnings("ignore", module="megatron")
     from ilm_megatron.train.loop import default_run_dir, train
 
-    train(cfg, default_run_dir(cfg), quiet=args.quiet)
+    try:
+        train(cfg, default_run_dir(cfg), quiet=args.quiet)
+    except (UserError, ValueError, OSError, FloatingPointError) as e:
+        # a user's input, files or run directory (internal errors keep their traceback)
+        return report_error("ilm-train", e)
     return 0
 
 

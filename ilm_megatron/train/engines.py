@@ -47,11 +47,14 @@ from ilm_megatron.train.checkpoint import (
     _write_text_atomic,
     already_saved,
     check_architecture,
+    fault_point,
     load_model,
     load_state,
+    prune,
     save_model,
     save_state_dict,
     save_training_checkpoint,
+    write_manifest,
 )
 from ilm_megatron.train.data import IGNORE
 
@@ -623,14 +626,14 @@ def save_distributed_checkpoint(
     write_rank0(tmp)
     engine.barrier()
     if engine.is_rank0:
+        fault_point("save_before_manifest")
+        write_manifest(tmp, engine.cfg)  # every rank's files are in: sizes and hashes, last
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fault_point("save_before_latest")
         _write_text_atomic(ckpt_root / "latest", final.name + "\n")
-        steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-        for old in steps[:-keep_last]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        prune(ckpt_root, keep_last, final)
     engine.barrier()
     return final
 

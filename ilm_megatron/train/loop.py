@@ -25,14 +25,24 @@ import torch
 
 from ilm_megatron.config import Config, config_to_yaml
 from ilm_megatron.data.word_problem import sample_word_problem
+from ilm_megatron.errors import RunError, UserError
 from ilm_megatron.models.lm import ImplicitLM
 from ilm_megatron.train.checkpoint import (
+    _step_dir,
+    _write_text_atomic,
+    choose_resume,
+    fault_point,
     latest_checkpoint,
+    move_aside,
+    remove_unfinished,
+    step_folders,
+    step_of,
 )
 from ilm_megatron.train.curriculum import phase_at
 from ilm_megatron.train.data import IGNORE, build_train_data
 from ilm_megatron.train.engines import EvalShare, token_loss
 from ilm_megatron.train.metrics import MetricsLogger, flops_per_token, memory_gb, peak_tflops
+from ilm_megatron.train.rundir import RunDirLock, check_writable, move_previous_run
 
 
 @dataclass
@@ -128,6 +138,7 @@ def evaluate_pass(
     if model is not None:
         model.eval()
     for x, y in batches:
+        fault_point("evaluate")
         n = x.shape[0]
         if n % share.parts:
             raise ValueError(
@@ -288,45 +299,150 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
     from ilm_megatron.train.engines import build_engine
 
     engine = build_engine(cfg)
+    lock = RunDirLock(run_dir)
+    try:
+        return _train(cfg, run_dir, engine, lock, quiet)
+    finally:
+        lock.release()
+
+
+def _on_rank0(engine: Any, what: Callable[[], Any]) -> Any:
+    """Run ``what`` on rank 0; a :class:`UserError` there is raised on every rank (rank 0 with
+    the message; the others say where to look). Collective."""
+    err: UserError | None = None
+    out = None
+    if engine.is_rank0:
+        try:
+            out = what()
+        except UserError as e:
+            err = e
+    failed = engine.all_reduce_sum([float(err is not None)])[0] if engine.distributed else 0
+    if err is not None:
+        raise err
+    if failed:
+        raise RunError("the run cannot start; rank 0 printed why")
+    return out
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, lock: RunDirLock) -> tuple[int, list[str]]:
+    """Rank 0's start-up checks, before anything is written: the lock, a writable folder, and
+    which checkpoint to resume (``-1``: none). Returns the step and the lines to print."""
+    lock.acquire()
+    ckpt_root = run_dir / "checkpoints"
+    check_writable(ckpt_root)
+    notes: list[str] = []
+    folders = step_folders(ckpt_root)
+    if cfg.train.start_over:
+        moved = move_previous_run(run_dir)
+        if moved is not None:
+            notes.append(f"ilm-train: train.start_over: the earlier run moved to {moved}")
+        check_writable(ckpt_root)
+        return -1, notes
+    if not cfg.train.resume:
+        if folders or (ckpt_root / "latest").exists():
+            newest = folders[-1].name if folders else "latest"
+            raise RunError(
+                f"{ckpt_root} holds checkpoints of an earlier run (newest {newest}) "
+                "and train.resume=false: set train.resume=true to continue it, "
+                "train.start_over=true to move it aside and start again, or use another run_dir"
+            )
+        return -1, notes
+    choice = choose_resume(ckpt_root)
+    notes += [f"ilm-train: {n}" for n in choice.notes]
+    for bad in choice.damaged:
+        notes.append(f"ilm-train: moved {bad.name} aside to {move_aside(bad, 'damaged').name}")
+    remove_unfinished(ckpt_root)
+    return (step_of(choice.path) if choice.path is not None else -1), notes
+
+
+def _check_resume_matches(cfg: Config, latest: Path) -> None:
+    """Refuse a resume whose data task differs from the checkpoint's (its data state would not
+    fit the new loader)."""
+    saved = latest / "config.yaml"
+    if not saved.is_file():
+        return
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.load(saved).get("data", {})
+    task = data.get("task", "word_problem")
+    if task != cfg.data.task:
+        raise RunError(
+            f"{latest} was written with data.task={task}, now data.task={cfg.data.task}: resume "
+            "with the same task, or start over (train.start_over=true / another run_dir)"
+        )
+
+
+def _check_validation(cfg: Config, data: Any) -> None:
+    """Periodic validation on shards needs a validation split with at least one batch."""
+    if not cfg.train.eval_interval or cfg.data.task == "word_problem":
+        return
+    if cfg.data.task == "shards" and cfg.data.val_fraction <= 0:
+        raise RunError(
+            f"train.eval_interval={cfg.train.eval_interval} needs a validation split: set "
+            "data.val_fraction > 0 (or train.eval_interval=0)"
+        )
+    if not data.val_batches(cfg.train.batch_size, 1):
+        raise RunError(
+            f"the validation split of {cfg.data.path or cfg.data.task} holds no batch of "
+            f"{cfg.train.batch_size} sequences (data.val_fraction={cfg.data.val_fraction})"
+        )
+
+
+def _train(cfg: Config, run_dir: Path, engine: Any, lock: RunDirLock, quiet: bool) -> TrainResult:
     rank0 = engine.is_rank0
     config_text = config_to_yaml(cfg)
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_text)
-    engine.barrier()
     ckpt_root = run_dir / "checkpoints"
     device = engine.device
+    resume_step, notes = _on_rank0(engine, lambda: _prepare_run_dir(cfg, run_dir, lock)) or (-1, [])
+    if engine.distributed:
+        resume_step = int(engine.all_reduce_sum([float(resume_step + 1)])[0]) - 1
+    latest = _step_dir(ckpt_root, resume_step) if resume_step >= 0 else None
+    if latest is not None:
+        _check_resume_matches(cfg, latest)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     data = build_train_data(cfg, engine.dp_rank, engine.dp_size)
-    latest = latest_checkpoint(ckpt_root) if cfg.train.resume else None
+    _check_validation(cfg, data)
     state = engine.setup(data, latest)
     counters = {"step": 0, "tokens": 0, "nan_streak": 0, "nan_skipped": 0, "unconverged": 0}
+    if state is not None:
+        counters.update(state["counters"])
+    metrics_path = run_dir / "metrics.jsonl"
+    logged_up_to = 0  # the last step metrics.jsonl holds a training record of (rank 0)
+    if rank0:  # every check passed: now the run's files
+        _write_text_atomic(run_dir / "config.yaml", config_text)
+        if state is not None:
+            logged_up_to = _truncate_metrics(metrics_path, counters["step"])
+        else:
+            metrics_path.write_text("")
+    # the job died after saving a step and before writing its record: write it first
+    rewrite = state is not None and "pending_record" in state and logged_up_to < counters["step"]
+    if engine.distributed:
+        rewrite = engine.all_reduce_sum([float(rank0 and rewrite)])[0] > 0
+    engine.barrier()
     log = MetricsLogger(
         run_dir, quiet or not rank0, cfg.train.tensorboard and rank0, config_text,
-        cfg.train.max_steps,
+        cfg.train.max_steps, purge_step=counters["step"] + (0 if rewrite else 1),
     )  # fmt: skip
+    for line in notes:
+        log.say(line)
     peak = peak_tflops(device, cfg.train.peak_tflops) * engine.world_size
     log.set_flops(flops_per_token(engine.flops_model(), cfg), peak)
-    metrics_path = run_dir / "metrics.jsonl"
     if state is not None:
         torch.set_rng_state(state["rng_torch"])
         data.load_state_dict(state["data"])
-        counters.update(state["counters"])
-        if rank0:
-            _truncate_metrics(metrics_path, counters["step"])
         how = state.get("resumed_from", "")
         log.say(f"ilm-train: resumed from {latest}{how} at step {counters['step']}")
-    elif rank0 and (cfg.train.resume is False or not metrics_path.exists()):
-        metrics_path.write_text("")
     engine.barrier()
 
-    def save() -> Path:
+    def save(pending: dict | None = None) -> Path:
         trainer_state = {
             "rng_torch": torch.get_rng_state(),
             "data": data.state_dict(),
             "counters": dict(counters),
         }
+        if pending is not None:  # this step's record, logged after the save (see ``emit``)
+            trainer_state["pending_record"] = pending
         return engine.save(ckpt_root, trainer_state)
 
     def evaluate_now(lengths: list[int] | None = None) -> list[dict[str, float]]:
@@ -351,9 +467,25 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
     window: list[dict[str, float]] = []
     iters_seen: list[torch.Tensor] = []
     preempted = None
+    pending: dict | None = None
+
+    def emit(pending: dict) -> None:
+        """Validate when due, then write a log step's record (metrics.jsonl, TensorBoard)."""
+        rec = pending["rec"]
+        if cfg.train.eval_interval and rec["step"] % cfg.train.eval_interval == 0:
+            for ev in evaluate_now():
+                rec.update({f"val_{k}": v for k, v in ev.items() if k != "length"})
+        result.history.append(rec)
+        if rank0:
+            log.record(rec, pending["iters"])
+            log.say(_format_record(rec, pending["phase"]))
+
+    if rewrite:
+        emit(state["pending_record"])
     with _StopFlag() as stop:
         while counters["step"] < cfg.train.max_steps:
             step = counters["step"]
+            fault_point("step")
             if engine.distributed:
                 _test_hooks(step, engine.rank, engine.world_size, run_dir, None)
             phase = phase_at(counters["tokens"], cfg)  # the solver settings of this step
@@ -412,25 +544,49 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
                 if engine.distributed:
                     rec["world_size"] = engine.world_size
                 window = []
-                if cfg.train.eval_interval and counters["step"] % cfg.train.eval_interval == 0:
-                    for ev in evaluate_now():
-                        rec.update({f"val_{k}": v for k, v in ev.items() if k != "length"})
-                result.history.append(rec)
-                if rank0:
-                    log.record(rec, torch.cat(iters_seen))
-                    log.say(_format_record(rec, phase.name))
+                pending = {"rec": rec, "iters": torch.cat(iters_seen), "phase": phase.name}
                 iters_seen = []
+            # save before anything that can fail (validation); the step's record is written
+            # after it, and kept in the checkpoint until then
             if cfg.train.save_interval and counters["step"] % cfg.train.save_interval == 0:
-                save()
+                save(pending)
+            if pending is not None:
+                emit(pending)
+                pending = None
             if out.stop and not last:
                 path = save()
                 preempted = signal.Signals(stop.signum).name if stop.signum else "peer signal"
                 log.say(f"ilm-train: {preempted} received, saved {path}; exiting")
                 break
+        if not preempted:
+            # the end of the run: the final checkpoint first, then evaluation and export (a
+            # failure or a signal there loses nothing: a rerun of the same command finishes them)
+            path = save()
+            signalled = stop.signum is not None
+            if engine.distributed:
+                signalled = engine.all_reduce_sum([float(signalled)])[0] > 0
+            if signalled:
+                preempted = signal.Signals(stop.signum).name if stop.signum else "peer signal"
+                log.say(f"ilm-train: {preempted} received, saved {path}; exiting before the final "
+                        "evaluation (run the same command again to finish it)")  # fmt: skip
+            else:
+                _finish(cfg, run_dir, engine, log, result, evaluate_now)
     log.close()
     if preempted:
         result.final = {"preempted": preempted, "step": counters["step"]}
-        return result
+    engine.barrier()
+    return result
+
+
+def _finish(
+    cfg: Config,
+    run_dir: Path,
+    engine: Any,
+    log: MetricsLogger,
+    result: TrainResult,
+    evaluate_now: Callable[..., list[dict[str, float]]],
+) -> None:
+    """Final evaluation, export and ``final.json`` (after the final checkpoint is saved)."""
     if cfg.data.task == "word_problem":
         lengths = [cfg.data.seq_len] + ([cfg.data.eval_seq_len] if cfg.data.eval_seq_len else [])
         evals = evaluate_now(lengths)
@@ -444,14 +600,11 @@ def train(cfg: Config, run_dir: Path, quiet: bool = False) -> TrainResult:
             + f", loss {ev['loss']:.4f}, solver iters {ev['iters_mean']:.1f}/"
             f"{ev['iters_max']:.0f}, residual max {ev['residual_max']:.2e}"
         )
-    save()
     result.final = {"eval": evals, "train": result.history[-1] if result.history else {}}
     engine.export(run_dir / "model.safetensors")
-    if rank0:
-        (run_dir / "final.json").write_text(json.dumps(result.final, indent=2))
+    if engine.is_rank0:
+        _write_text_atomic(run_dir / "final.json", json.dumps(result.final, indent=2))
     log.say(f"saved {run_dir / 'model.safetensors'} (+ config.yaml, metrics.jsonl, final.json)")
-    engine.barrier()
-    return result
 
 
 def _format_record(rec: dict[str, Any], phase: str) -> str:
@@ -462,6 +615,7 @@ def _format_record(rec: dict[str, Any], phase: str) -> str:
         f"/{rec['residual_max']:.2e} | conv {rec['converged_frac']:.2f} | "
         f"{rec['tokens_per_s']:.0f} tok/s"
         + (f" | mfu {100 * rec['mfu']:.1f}%" if "mfu" in rec else "")
+        + (f" | val loss {rec['val_loss']:.4f}" if "val_loss" in rec else "")
         + (f" | val acc {rec['val_acc_all']:.3f}" if "val_acc_all" in rec else "")
     )
 
@@ -501,9 +655,20 @@ def _test_hooks(step: int, rank: int, world: int, run_dir: Path, loss: torch.Ten
     return loss
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after ``step`` (written by an attempt that died before its next save)."""
+def _truncate_metrics(path: Path, step: int) -> int:
+    """Drop records after ``step`` (written by an attempt that died before its next save) and
+    lines torn by a crash; return the last step that keeps a training record (0: none)."""
     if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+        return 0
+    keep = []
+    last = 0
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:  # a line torn by a crash mid-write
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(ln)
+            last = max(last, int(rec.get("step", 0)))
+    _write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+    return last

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,12 +130,37 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _after_earlier_event_files(folder: Path) -> None:
+    """Wait until this attempt's event file will sort after every earlier one.
+
+    TensorBoard reads a run's event files in name order, and the name starts with the creation
+    time in whole seconds; an attempt restarted within the same second as the one before would
+    sort by pid and have its purge of the dead attempt's steps applied in the wrong order.
+    """
+    stamps = []
+    for f in folder.glob("events.out.tfevents.*"):
+        try:
+            stamps.append(int(f.name.split(".")[3]))
+        except (IndexError, ValueError):
+            continue
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 class MetricsLogger:
     """Console lines, a JSON-lines file and TensorBoard event files for one run directory."""
 
     def __init__(
-        self, run_dir: Path, quiet: bool, tensorboard: bool, config_text: str, total_steps: int
+        self,
+        run_dir: Path,
+        quiet: bool,
+        tensorboard: bool,
+        config_text: str,
+        total_steps: int,
+        purge_step: int | None = None,
     ) -> None:
+        """``purge_step``: the first step this attempt logs; TensorBoard hides events of that step
+        and later that an earlier attempt wrote before it died (a resume from a checkpoint)."""
         self.path = run_dir / "metrics.jsonl"
         self.quiet = quiet
         self.bar = None
@@ -146,7 +172,8 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            _after_earlier_event_files(run_dir / "tensorboard")
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
             self.tb.add_text("config", "```\n" + config_text + "\n```", 0)
 
     flops: Callable[[float, int], float] | None = None
