@@ -1,14 +1,18 @@
 """Bad input is refused early, in one line that names the culprit.
 
 Config values (a ``ConfigError`` from :func:`load_config` that names the key, before any model,
-dataset or process group exists) and parallel layouts (at config load, so a ``torchrun`` launch
-fails within seconds).
+dataset or process group exists), parallel layouts (at config load, so a ``torchrun`` launch
+fails within seconds) and empty inputs at preprocessing.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, ROOT
 
 from ilm_megatron.config import ConfigError, load_config
 
@@ -142,3 +146,64 @@ def test_torchrun_layout_error_before_any_process_group(monkeypatch, capsys) -> 
     assert "parallel.pp: 2 pipeline stages need at least 2 layers, model.n_layers=1" in err
     assert len(err.strip().splitlines()) == 1
     assert not dist.is_initialized()
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. "
+
+
+def _preprocess(inputs: list[Path], out: Path, *extra: str, seq_len: int = 16) -> int:
+    from ilm_megatron.data.preprocess import main
+
+    argv = ["--input", *map(str, inputs), "--output", str(out), "--tokenizer", "byte"]
+    return main([*argv, "--seq-len", str(seq_len), "--samples-per-shard", "4", *extra])
+
+
+def test_preprocess_empty_input_fails_and_writes_nothing(tmp_path, capsys) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "out"
+    assert _preprocess([empty], out) == 2
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if "error" in x]
+    assert len(line) == 1 and str(empty.resolve()) in line[0] and "no samples" in line[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_preprocess_too_short_input_fails(tmp_path, capsys) -> None:
+    """Documents shorter than one sample: every token is a dropped tail, 0 samples."""
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "tiny"}) + "\n")
+    out = tmp_path / "out"
+    assert _preprocess([short], out, seq_len=64) == 2
+    err = capsys.readouterr().err
+    assert str(short.resolve()) in err and "no samples" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_preprocess_with_one_empty_file_among_others_succeeds(tmp_path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("")
+    (tmp_path / "in" / "b.jsonl").write_text(json.dumps({"text": TEXT * 4}) + "\n")
+    assert _preprocess([tmp_path / "in"], tmp_path / "out") == 0
+
+
+def test_merge_of_empty_parts_fails(tmp_path, capsys) -> None:
+    """A job of ``--input-shard`` may hold no sample; the merged dataset may not."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from merge_manifests import main as merge
+    finally:
+        sys.path.pop(0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    parts = tmp_path / "parts"
+    for i in range(2):
+        assert _preprocess([empty], parts, "--input-shard", f"{i}/2") == 0
+    capsys.readouterr()
+    assert merge(["--output", str(tmp_path / "merged"), str(parts)]) == 2
+    err = capsys.readouterr().err
+    assert "no samples" in err and str(parts) in err
+    assert not (tmp_path / "merged").exists()

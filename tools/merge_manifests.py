@@ -183,7 +183,7 @@ def merge(dirs: Sequence[Path], output: Path) -> dict[str, Any]:
 
     Raises:
         MergeError: see :func:`find_parts`, :func:`check_agreement`; damaged shards; ``output``
-            exists and is not an empty folder.
+            exists and is not an empty folder; the parts hold no samples at all.
     """
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
         raise MergeError(f"output {output} already exists and is not an empty folder")
@@ -191,6 +191,12 @@ def merge(dirs: Sequence[Path], output: Path) -> dict[str, Any]:
     check_agreement(parts)
     count = len(parts)
     ref = parts[0][1]
+    if not sum(int(man.get("samples", 0)) for _, man in parts.values()):
+        raise MergeError(
+            f"the {count} part(s) in {', '.join(map(str, dirs))} hold no samples (every input file"
+            f" is shorter than one sample of {ref.get('sample_len')} tokens or has no document);"
+            " nothing written"
+        )
     tmp = output.parent / f".{output.name}.merge-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)  # left over from an interrupted merge into the same output

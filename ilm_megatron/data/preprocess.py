@@ -585,6 +585,21 @@ def _prepare_output(out: Path, opts: Options, config: dict, prefix: str) -> dict
 # ------------------------------------------------------------------------------------------- run
 
 
+def _describe_inputs(files: Sequence[Path], limit: int = 3) -> str:
+    """The input files for a message: all of them, or the first ``limit`` and their count."""
+    shown = ", ".join(str(f) for f in files[:limit])
+    return shown if len(files) <= limit else f"{shown}, ... ({len(files)} input files)"
+
+
+def _remove_outputs(out: Path, prefix: str, created: bool) -> None:
+    """Delete this run's files in ``out`` (and ``out`` itself when this run created it)."""
+    for e in os.listdir(out):
+        if _is_ours(e, prefix):
+            (out / e).unlink()
+    if created and not any(out.iterdir()):
+        out.rmdir()
+
+
 def _file_batches(
     files: Sequence[Path], opts: Options, stats: Stats
 ) -> Iterator[tuple[int, list[str]]]:
@@ -649,6 +664,7 @@ def run(opts: Options) -> dict[str, Any]:
     if shard_info is not None:
         config["input_shard"] = shard_info
     out = opts.output
+    created = not out.exists()
     done = _prepare_output(out, opts, config, prefix)
     stats = Stats()
     writer = ShardWriter(
@@ -712,6 +728,14 @@ def run(opts: Options) -> dict[str, Any]:
     finally:
         bar.close()
 
+    if writer.samples == 0 and shard_info is None:
+        _remove_outputs(out, prefix, created)
+        raise PreprocessError(
+            f"{_describe_inputs(files)}: no samples: {stats.documents} document(s),"
+            f" {packer.total} token(s), fewer than one sample of --seq-len + 1 = {row_len} tokens"
+            " in any input file (each file is packed on its own); nothing written to"
+            f" {out}"
+        )
     n_errors = sum(stats.errors.values())
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
