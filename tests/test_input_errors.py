@@ -2,15 +2,19 @@
 
 Config values (a ``ConfigError`` from :func:`load_config` that names the key, before any model,
 dataset or process group exists), parallel layouts (at config load, so a ``torchrun`` launch
-fails within seconds) and empty inputs at preprocessing.
+fails within seconds), and empty or corrupt datasets (at preprocessing, at train start, where
+batches are read).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import CONFIGS, ROOT
 
@@ -207,3 +211,90 @@ def test_merge_of_empty_parts_fails(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "no samples" in err and str(parts) in err
     assert not (tmp_path / "merged").exists()
+
+
+def _shards_cfg(path: Path, *extra: str):
+    return load_config(
+        [],
+        ["data.task=shards", f"data.path={path}", "data.seq_len=16", "model.vocab_size=257",
+         "train.batch_size=4", *extra],
+    )  # fmt: skip
+
+
+def _dataset(tmp_path: Path) -> Path:
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"text": f"{i} " + TEXT * 3}) + "\n" for i in range(4)))
+    out = tmp_path / "shards"
+    assert _preprocess([src], out) == 0
+    return out
+
+
+def test_empty_dataset_at_train_start_names_the_path(tmp_path) -> None:
+    from ilm_megatron.data.loader import DataError
+    from ilm_megatron.train.data import build_train_data
+
+    good = _dataset(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    man = json.loads((good / "manifest.json").read_text())
+    man.update(samples=0, shards=[], tokens=0)
+    (empty / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(DataError) as e:
+        build_train_data(_shards_cfg(empty))
+    msg = str(e.value)
+    assert f"data.path={empty}" in msg and "no samples" in msg and "\n" not in msg
+    assert isinstance(e.value, ValueError)  # the training CLI prints it as one line
+    from ilm_megatron.data.loader import StatefulLoader
+
+    with pytest.raises(DataError, match=f"{empty}: the dataset holds no samples"):
+        StatefulLoader(empty, batch_size=2)
+
+
+def _poke_token(shard: Path, member: int, position: int, value: int) -> None:
+    """Overwrite one token of one sample in place (same size: the shard stays readable)."""
+    with tarfile.open(shard) as tf:
+        info = tf.getmembers()[member]
+    with open(shard, "r+b") as fh:
+        fh.seek(info.offset_data)
+        arr = np.load(io.BytesIO(fh.read(info.size)))
+        arr[position] = value
+        bio = io.BytesIO()
+        np.save(bio, arr, allow_pickle=False)
+        assert len(bio.getvalue()) == info.size
+        fh.seek(info.offset_data)
+        fh.write(bio.getvalue())
+
+
+def test_token_beyond_vocab_names_shard_id_and_vocab(tmp_path) -> None:
+    from ilm_megatron.data.loader import DataError
+    from ilm_megatron.train.data import build_train_data
+
+    data = _dataset(tmp_path)
+    shards = sorted(data.glob("shard-*.tar"))
+    for shard in shards:  # every sample of every shard: whichever the first batch draws
+        with tarfile.open(shard) as tf:
+            n = len(tf.getmembers())
+        for m in range(n):
+            _poke_token(shard, m, 5, 300)
+    src = build_train_data(_shards_cfg(data, "train.seed=3"))
+    with pytest.raises(DataError) as e:
+        src.next_batch()
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "token id 300" in msg and "model.vocab_size=257" in msg
+    assert any(str(s) in msg for s in shards)
+
+
+def test_token_beyond_vocab_in_validation_batches(tmp_path) -> None:
+    from ilm_megatron.data.loader import DataError
+    from ilm_megatron.train.data import build_train_data
+
+    data = _dataset(tmp_path)
+    last = sorted(data.glob("shard-*.tar"))[-1]
+    with tarfile.open(last) as tf:
+        n = len(tf.getmembers())
+    _poke_token(last, n - 1, 0, 1000)  # the last sample: the validation split
+    src = build_train_data(_shards_cfg(data, "data.val_fraction=0.2"))
+    with pytest.raises(DataError, match=r"token id 1000 .*model.vocab_size=257") as e:
+        src.val_batches(4, 3)  # 12 sequences: the whole split of 11
+    assert str(last) in str(e.value)

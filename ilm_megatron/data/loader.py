@@ -55,8 +55,9 @@ _OPEN_SHARDS = 4
 DataSpec = str | os.PathLike | Sequence[tuple[str | os.PathLike, float]]
 
 
-class DataError(Exception):
-    """A dataset folder, manifest or shard is missing, malformed or corrupt (message names it)."""
+class DataError(ValueError):
+    """A dataset folder, manifest or shard is missing, malformed, empty or corrupt (the one-line
+    message names it)."""
 
 
 class ManifestMismatchError(DataError):
@@ -102,6 +103,13 @@ class Manifest:
     def shard_starts(self) -> tuple[int, ...]:
         """Global index of the first sample of each shard."""
         return tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.shard_counts)[:-1]]))
+
+    def shard_path(self, index: int) -> Path:
+        """The shard file holding global sample ``index``."""
+        if not 0 <= index < self.samples:
+            raise IndexError(f"sample {index} out of range for {self.samples} samples")
+        shard = int(np.searchsorted(np.cumsum(self.shard_counts), index, side="right"))
+        return self.folder / self.shard_names[shard]
 
     def digest(self) -> str:
         """Short identity of the dataset: sha256 over the shard sha256s (16 hex digits)."""
@@ -500,6 +508,9 @@ class ShardDataset(IterableDataset):
         if num_epochs is not None and (len(self.dirs) > 1 or num_epochs < 1):
             raise ValueError("num_epochs needs a single folder and a value >= 1")
         self.manifests = [load_manifest(d) for d in self.dirs]
+        for m in self.manifests:
+            if m.samples == 0:
+                raise DataError(f"{m.folder}: the dataset holds no samples ({m.path} lists none)")
         m0 = self.manifests[0]
         for m in self.manifests[1:]:
             if m.seq_len != m0.seq_len:
@@ -641,6 +652,11 @@ class StatefulLoader:
     def samples_per_epoch(self) -> list[int]:
         """Samples per epoch of this rank, per folder."""
         return self._ds.samples_per_epoch
+
+    @property
+    def manifests(self) -> list[Manifest]:
+        """The manifest of each folder, in blend order (a batch's ``source`` indexes it)."""
+        return list(self._ds.manifests)
 
     @property
     def samples_consumed(self) -> int:

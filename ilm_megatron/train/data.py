@@ -53,7 +53,7 @@ class ShardData:
     """Packed token shards: ``(x, y) = (tokens[:, :-1], tokens[:, 1:])``, each (b / world, l)."""
 
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1) -> None:
-        from ilm_megatron.data.loader import StatefulLoader, check_manifest
+        from ilm_megatron.data.loader import DataError, StatefulLoader, check_manifest
 
         d = cfg.data
         if not d.path:
@@ -63,12 +63,18 @@ class ShardData:
                 f"train.batch_size={cfg.train.batch_size} is not divisible by the "
                 f"data-parallel size {world_size}"
             )
-        check_manifest(
+        m = check_manifest(
             d.path,
             cfg.model.vocab_size,
             tokenizer_fingerprint=d.tokenizer_fingerprint or None,
             seq_len=d.seq_len,
         )
+        if m.samples == 0:
+            raise DataError(
+                f"data.path={d.path}: the dataset holds no samples ({m.path} lists none):"
+                " preprocess non-empty inputs into it"
+            )
+        self.vocab_size = cfg.model.vocab_size
         self.loader = StatefulLoader(
             d.path,
             batch_size=cfg.train.batch_size // world_size,
@@ -85,8 +91,26 @@ class ShardData:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._it is None:
             self._it = iter(self.loader)
-        tokens = next(self._it)["tokens"]
+        batch = next(self._it)
+        self._check_token_ids(batch)
+        tokens = batch["tokens"]
         return tokens[:, :-1], tokens[:, 1:]
+
+    def _check_token_ids(self, batch: dict[str, torch.Tensor]) -> None:
+        """Every token id must be below ``model.vocab_size`` (the embedding would fail on it):
+        one max over the batch; on a bad id, :class:`DataError` naming the shard, sample and id."""
+        from ilm_megatron.data.loader import DataError
+
+        tokens, vocab = batch["tokens"], self.vocab_size
+        if tokens.numel() == 0 or int(tokens.max()) < vocab:
+            return
+        row = int((tokens >= vocab).any(dim=1).nonzero()[0, 0])
+        sample, source = int(batch["ids"][row]), int(batch["source"][row])
+        shard = self.loader.manifests[source].shard_path(sample)
+        raise DataError(
+            f"{shard}: sample {sample} holds token id {int(tokens[row].max())} >= "
+            f"model.vocab_size={vocab} (a corrupt shard, or one written with another tokenizer)"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"loader": self.loader.state_dict()}
@@ -110,6 +134,7 @@ class ShardData:
         for i, b in enumerate(val):
             if i >= n:
                 break
+            self._check_token_ids(b)
             out.append((b["tokens"][:, :-1], b["tokens"][:, 1:]))
         return out
 
