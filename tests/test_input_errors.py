@@ -1,15 +1,16 @@
 """Bad input is refused early, in one line that names the culprit.
 
-Config values (a ``ConfigError`` from :func:`load_config` that names the key, before any model,
-dataset or process group exists), parallel layouts (at config load, so a ``torchrun`` launch
-fails within seconds), and empty or corrupt datasets (at preprocessing, at train start, where
-batches are read).
+Config values (``ConfigError`` from :func:`load_config`, before any model, data or process group
+exists), parallel layouts (at config load, so a ``torchrun`` launch fails within seconds), empty
+or corrupt datasets (at preprocessing, at train start, where batches are read) and the flags of
+``tools/check_parallel.py`` that duplicate config keys.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -298,3 +299,72 @@ def test_token_beyond_vocab_in_validation_batches(tmp_path) -> None:
     with pytest.raises(DataError, match=r"token id 1000 .*model.vocab_size=257") as e:
         src.val_batches(4, 3)  # 12 sequences: the whole split of 11
     assert str(last) in str(e.value)
+
+
+# ------------------------------------------------------------------------ tools/check_parallel
+
+
+def _check_parallel(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    cfg = str(CONFIGS / "models" / "implicit_llama_tiny.yaml")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_parallel.py"), "--config", cfg, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_check_parallel_override_takes_effect() -> None:
+    """``parallel.tp=3`` on the command line is the TP size (3 does not divide 4 heads)."""
+    proc = _check_parallel("--json", "parallel.tp=3")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "tensor parallel size 3 does not divide model n_heads=4" in proc.stderr
+    proc = _check_parallel("--json", "parallel.pp=3")  # the tiny model has 2 layers
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "parallel.pp: 3 pipeline stages need at least 3 layers" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--tp", "2", "parallel.tp=1"), "--tp 2 conflicts with the override parallel.tp=1"),
+        (("--pp", "2", "parallel.pp=1"), "--pp 2 conflicts with the override parallel.pp=1"),
+        (
+            ("--microbatches", "2", "parallel.microbatches=4"),
+            "--microbatches 2 conflicts with the override parallel.microbatches=4",
+        ),
+        (("--seed", "1", "train.seed=2"), "--seed 1 conflicts with the override train.seed=2"),
+        (("--seq-len", "8", "data.seq_len=12"), "--seq-len 8 conflicts with the override"),
+        (
+            ("--batch", "2", "train.batch_size=6"),
+            "--batch 2 x 1 micro-batch(es) conflicts with the override train.batch_size=6",
+        ),
+    ],
+)
+def test_check_parallel_flag_override_conflicts(args: tuple[str, ...], message: str) -> None:
+    proc = _check_parallel(*args, "--json")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and proc.stdout == ""
+
+
+def test_check_parallel_flags_follow_overrides() -> None:
+    """Flag, else override, else default; the config records the values that run."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import check_parallel as cp
+    finally:
+        sys.path.pop(0)
+    overrides = ["parallel.tp=4", "parallel.microbatches=2", "train.batch_size=8",
+                 "data.seq_len=16", "model.d_model=32"]  # fmt: skip
+    args = cp.build_parser().parse_args(["--config", "c.yaml", "--seed", "7", *overrides])
+    cp.resolve_flags(args, cp.override_values(args.overrides))
+    got = (args.tp, args.pp, args.microbatches, args.seed, args.seq_len, args.batch)
+    assert got == (4, 1, 2, 7, 16, 4)
+    args = cp.build_parser().parse_args(["--config", "c.yaml", "--tp", "2", "parallel.tp=2"])
+    cp.resolve_flags(args, cp.override_values(args.overrides))  # agreeing: fine
+    assert (args.tp, args.batch, args.seq_len) == (2, cp.DEFAULT_BATCH, 12)
+    cfg = load_config([CONFIGS / "models" / "implicit_llama_tiny.yaml"], cp.flag_overrides(args))
+    assert (cfg.parallel.tp, cfg.train.batch_size, cfg.data.seq_len) == (2, 2, 12)
+    with pytest.raises(cp.ToolError, match="parallel.tp expects int"):
+        cp.override_values(["parallel.tp=two"])
