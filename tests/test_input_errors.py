@@ -244,7 +244,9 @@ def test_empty_dataset_at_train_start_names_the_path(tmp_path) -> None:
         build_train_data(_shards_cfg(empty))
     msg = str(e.value)
     assert f"data.path={empty}" in msg and "no samples" in msg and "\n" not in msg
-    assert isinstance(e.value, ValueError)  # the training CLI prints it as one line
+    from ilm_megatron.errors import UserError
+
+    assert isinstance(e.value, UserError)  # the training CLI prints it as one line
     from ilm_megatron.data.loader import StatefulLoader
 
     with pytest.raises(DataError, match=f"{empty}: the dataset holds no samples"):

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ilm_megatron.errors import UserError
+
 MANIFEST_NAME = "manifest.json"
 FIELD_SUFFIX = ".tokens.npy"
 STATE_VERSION = 1
@@ -55,7 +57,7 @@ _OPEN_SHARDS = 4
 DataSpec = str | os.PathLike | Sequence[tuple[str | os.PathLike, float]]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset folder, manifest or shard is missing, malformed, empty or corrupt (the one-line
     message names it)."""
 
