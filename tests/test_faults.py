@@ -385,3 +385,25 @@ def test_chaos_two_ranks(tmp_path):
     assert sum(a["rc"] != 0 for a in log[:-1]) >= 8, log
     assert tool.tb_losses(run) == tool.tb_losses(ref), log
     assert [s for s, _ in _jsonl_losses(run)] == list(range(1, 49))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one line, once, early
+
+
+@pytest.mark.slow
+def test_parallel_config_error_is_printed_once_within_seconds(tmp_path):
+    import time
+
+    from _dist import torchrun_cmd, worker_env
+
+    t0 = time.time()
+    p = subprocess.run(torchrun_cmd(tmp_path, *BASE, "parallel.pp=4", "model.n_layers=2"),
+                       capture_output=True, text=True, timeout=300, env=worker_env())  # fmt: skip
+    elapsed = time.time() - t0
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("ilm-train:")]
+    assert len(lines) == 1 and "parallel.pp" in lines[0] and "n_layers" in lines[0], p.stderr
+    assert 'ilm_megatron/' not in p.stderr  # no traceback of ours (torchrun prints its own)
+    assert elapsed < 60, elapsed
+    assert not (tmp_path / "metrics.jsonl").exists()

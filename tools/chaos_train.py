@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -53,6 +52,23 @@ def launcher(run_dir: Path, overrides: list[str], nproc: int = 1) -> Callable:
     return launch
 
 
+def kill_tree(p: subprocess.Popen) -> None:
+    """SIGKILL an attempt and every process below it (torchrun starts its workers in their own
+    sessions, so a process-group kill would leave them running)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    p.communicate()
+
+
 def chaos(launch: Callable, kills: int, seed: int, delay: tuple[float, float] = (2.0, 8.0)):
     """Kill ``kills`` attempts (two in three at fault points, one in three after a random
     delay), then let one finish. Returns a list of what each attempt saw."""
@@ -65,8 +81,7 @@ def chaos(launch: Callable, kills: int, seed: int, delay: tuple[float, float] = 
             try:
                 p.communicate(timeout=wait)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.communicate()
+                kill_tree(p)
             log.append({"kill": f"SIGKILL after {wait:.1f} s", "rc": p.returncode})
         else:
             point = POINTS[rng.randrange(len(POINTS))]
@@ -75,13 +90,7 @@ def chaos(launch: Callable, kills: int, seed: int, delay: tuple[float, float] = 
             try:
                 p.communicate(timeout=600)
             finally:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-            if p.returncode != 0:  # a rank died; the launcher may outlive it
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                kill_tree(p)  # a rank died: nothing of the attempt may outlive it
             log.append({"kill": f"{point}@{nth}", "rc": p.returncode})
     p = launch({})
     _, err = p.communicate(timeout=1800)

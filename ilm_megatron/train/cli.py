@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -49,6 +50,8 @@ def report_error(prog: str, e: BaseException, kind: str = "error") -> int:
         print(f"{prog}: {kind}: {e}", file=sys.stderr, flush=True)
     elif not same_everywhere:
         print(f"{prog}: {kind} on rank {_rank()}: {e}", file=sys.stderr, flush=True)
+    else:  # the launcher stops every rank when the first exits: let rank 0 print first
+        time.sleep(3.0)
     return 2
 
 
