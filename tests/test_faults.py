@@ -404,6 +404,6 @@ def test_parallel_config_error_is_printed_once_within_seconds(tmp_path):
     assert p.returncode != 0
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("ilm-train:")]
     assert len(lines) == 1 and "parallel.pp" in lines[0] and "n_layers" in lines[0], p.stderr
-    assert 'ilm_megatron/' not in p.stderr  # no traceback of ours (torchrun prints its own)
+    assert "ilm_megatron/" not in p.stderr  # no traceback of ours (torchrun prints its own)
     assert elapsed < 60, elapsed
     assert not (tmp_path / "metrics.jsonl").exists()
