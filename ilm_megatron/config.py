@@ -61,6 +61,10 @@ class ModelConfig:
     # projection, MLP fc1) by this factor. < 1 makes F contractive at initialisation so the solve
     # converges from the first step; 1.0 is the reference initialisation.
     iterate_init_scale: float = 1.0
+    # Implicit models only: the solver's starting iterate z0, "zeros" (the paper) or "embedding"
+    # (z0 = e, so the first evaluation of F is the explicit model: the rule for implicit models
+    # initialised from a pretrained explicit one, docs/huggingface.md)
+    iterate_init: str = "zeros"
     # Kernels: "auto" (our Triton kernels on CUDA, the PyTorch reference elsewhere), "reference",
     # "triton" (on CPU only under TRITON_INTERPRET=1) or "mamba_ssm" (its kernels, CUDA only).
     # Llama attention uses flash-attn on CUDA when installed under "auto", SDPA otherwise.
@@ -97,6 +101,12 @@ class ModelConfig:
             f"must be one of {kernels}, got {self.kernel_backend!r}",
         )
         _check(self.iterate_init_scale > 0, s, "iterate_init_scale", "must be > 0")
+        _check(
+            self.iterate_init in ("zeros", "embedding"),
+            s,
+            "iterate_init",
+            f"must be 'zeros' or 'embedding', got {self.iterate_init!r}",
+        )
         # sizes (derived sizes divide by some of them: check before any division)
         shape = ("vocab_size", "d_model", "n_layers", "pad_vocab_multiple", "d_state", "headdim")
         for k in (*shape, "expand", "ngroups", "chunk_size", "n_heads"):
@@ -264,6 +274,9 @@ class TrainConfig:
     save_interval: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGINT)
     keep_last: int = 3
     resume: bool = True  # continue from the newest complete checkpoint in run_dir/checkpoints
+    # weights to start from when the run does not resume (a folder or model.safetensors written
+    # by ilm-train or ilm-import): fine-tuning; the optimizer and the step start afresh
+    init_checkpoint: str = ""
     # start again in a run_dir that holds an earlier run: its checkpoints, metrics, TensorBoard
     # logs and exports move to run_dir/previous-<time>/ (without it such a start is refused)
     start_over: bool = False
@@ -536,6 +549,13 @@ def check_layout(cfg: Config, world_size: int | None = None) -> None:
         "parallel",
         "pp",
         f"{par.pp} pipeline stages need at least {par.pp} layers, model.n_layers={m.n_layers}",
+    )
+    _check(
+        par.pp == 1 or m.iterate_init == "zeros",
+        "model",
+        "iterate_init",
+        f"{m.iterate_init!r} with parallel.pp={par.pp}: the pipeline ring starts every solve "
+        "from zeros; train with parallel.pp=1 (tensor and data parallelism work)",
     )
     _check(
         mp == 1 or par.zero_stage <= 1,

@@ -172,7 +172,7 @@ class ImplicitLM(nn.Module):
             return LMOutput(self.head(z), _explicit_stats(ids), hidden=z)
         s = self.solver_config if solver is None else solver
         f = self.stack_fn(u)
-        z0 = torch.zeros_like(e)
+        z0 = self.initial_iterate(e)
         if self.training and torch.is_grad_enabled():
             cap = s.f_max_iter if max_iter is None else max_iter
             with self.cached_weights():  # weight norm: each weight once for the whole solve
@@ -187,6 +187,11 @@ class ImplicitLM(nn.Module):
             with self.cached_weights():
                 z, stats = self.solve_eval(f, z0, max_iter)
         return LMOutput(self.head(z), stats, hidden=z)
+
+    def initial_iterate(self, e: torch.Tensor) -> torch.Tensor:
+        """The solver's starting point z0 for embeddings e (..., d): zeros, or e itself
+        (``model.iterate_init``)."""
+        return e if self.config.iterate_init == "embedding" else torch.zeros_like(e)
 
     def cached_weights(self) -> contextlib.AbstractContextManager:
         """With ``model.weight_norm``: compute each reparametrised weight ``g * v / |v|`` once
@@ -217,7 +222,7 @@ class ImplicitLM(nn.Module):
         e, u = self.embed(ids)
         if self.implicit:
             with self.cached_weights():
-                z_star, stats = self.solve_eval(self.stack_fn(u), torch.zeros_like(e), max_iter)
+                z_star, stats = self.solve_eval(self.stack_fn(u), self.initial_iterate(e), max_iter)
         else:
             z_star, stats = e, _explicit_stats(ids)
         z, caches = self.stack(z_star, u, return_cache=True)
@@ -251,7 +256,7 @@ class ImplicitLM(nn.Module):
         e = e[:, 0]
         u = None if u is None else u[:, 0]
         if self.implicit:
-            z0 = torch.zeros_like(e) if z_init is None else z_init
+            z0 = self.initial_iterate(e) if z_init is None else z_init
             cap = self.eval_max_iter() if max_iter is None else max_iter
             with self.cached_weights():
                 z, updates, stats = solve_token(

@@ -35,7 +35,7 @@ from ilm_megatron.models.lm import ImplicitLM
 _ARCH_FIELDS = (
     "arch", "implicit", "vocab_size", "pad_vocab_multiple", "d_model", "n_layers", "d_state",
     "headdim", "expand", "ngroups", "d_conv", "n_heads", "ffn_hidden_size", "tie_embeddings",
-    "weight_norm",
+    "weight_norm", "iterate_init",
 )  # fmt: skip
 
 
@@ -124,6 +124,33 @@ def check_architecture(path: Path, config: ModelConfig) -> None:
     ]
     if diff:
         raise ValueError(f"{path}: checkpoint does not match the model: " + "; ".join(diff))
+
+
+def weights_file(path: str | Path) -> Path:
+    """``model.safetensors`` of a folder written by ilm-train or ilm-import, or ``path`` itself.
+
+    Raises:
+        CheckpointError: nothing loadable there (the message names the path).
+    """
+    p = Path(path)
+    f = p / "model.safetensors" if p.is_dir() else p
+    if not f.is_file():
+        what = "a folder without model.safetensors" if p.is_dir() else "missing"
+        raise CheckpointError(f"{p}: {what} (expected a checkpoint folder or a .safetensors file)")
+    return f
+
+
+def init_from_checkpoint(model: ImplicitLM, cfg: Config) -> Path | None:
+    """Load ``train.init_checkpoint``'s weights into a freshly built single-process ``model``
+    (fine-tuning start; the architecture must match). Returns the file loaded, or None."""
+    if not cfg.train.init_checkpoint:
+        return None
+    f = weights_file(cfg.train.init_checkpoint)
+    try:
+        load_model(f, model)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"train.init_checkpoint={cfg.train.init_checkpoint}: {e}") from None
+    return f
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:

@@ -48,6 +48,7 @@ from ilm_megatron.train.checkpoint import (
     already_saved,
     check_architecture,
     fault_point,
+    init_from_checkpoint,
     load_model,
     load_state,
     prune,
@@ -516,7 +517,9 @@ class LocalEngine(Engine):
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg.model, cfg.solver).to(device)
+        self.model = build_model(cfg.model, cfg.solver)
+        init_from_checkpoint(self.model, cfg)
+        self.model = self.model.to(device)
         self.model.train()
         self.opt = new_optimizer(self.model.named_parameters(), cfg)
 
@@ -688,7 +691,9 @@ class DeepSpeedEngine(_DistributedBase):
         super().__init__(cfg)
         self.name = f"DeepSpeed ZeRO-{cfg.parallel.zero_stage}"
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg.model, cfg.solver).to(self.device)
+        self.model = build_model(cfg.model, cfg.solver)
+        init_from_checkpoint(self.model, cfg)
+        self.model = self.model.to(self.device)
         self.model.train()
         self.opt = new_optimizer(self.model.named_parameters(), cfg)
         self.engine: Any = None
@@ -905,6 +910,7 @@ class ParallelEngine(_DistributedBase):
         self.save_cfg = dataclasses.replace(cfg, model=self.local_cfg)  # files are layout-free
         torch.manual_seed(cfg.train.seed)
         full = build_model(self.local_cfg, cfg.solver)
+        init_from_checkpoint(full, dataclasses.replace(cfg, model=self.local_cfg))
         self._n_params = sum(p.numel() for p in full.parameters())
         self.model = build_model(cfg.model, cfg.solver)  # on the CPU: this rank's TP shard
         load_full_state_dict(self.model, full.state_dict())
