@@ -20,6 +20,7 @@ import pytest
 import torch
 from _dist import losses, records, torchrun_train, worker_env
 from _dist import torchrun_cmd as _torchrun_cmd
+from _hf import assert_export_matches
 
 from ilm_megatron.config import load_config
 from ilm_megatron.train import checkpoint as ckpt
@@ -91,6 +92,7 @@ def test_dp2_zero_matches_dp1(zero, dp1_reference, dp2_zero2, tmp_path):
         assert (step8 / name).is_file(), name
     assert len(list(step8.glob("*optim_states.pt"))) == 2  # one ZeRO shard per rank
     assert not list((run / "checkpoints").glob(".*tmp"))
+    assert_export_matches(run, tmp_path / "hf")  # Hugging Face export of a ZeRO checkpoint
 
 
 def test_rank_killed_then_torchrun_restart_resumes_exactly(dp2_zero2, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from _dist import losses, records, torchrun_train
+from _hf import assert_export_matches
 
 from ilm_megatron.config import load_config
 from ilm_megatron.train import checkpoint as ckpt
@@ -92,6 +93,7 @@ def test_pp2_matches_single_process(pp2: Path, reference: Path) -> None:
     for key in ("exp_avg", "exp_avg_sq"):
         assert {n: t.shape for n, t in opt[key].items()} == shapes, key
     assert set(opt["step"].values()) == {4.0}
+    assert_export_matches(pp2, pp2.parent / "pp2-hf")  # Hugging Face export of a PP checkpoint
 
 
 def test_tp2_pp2_matches_single_process(tmp_path: Path, reference: Path) -> None:
@@ -99,6 +101,7 @@ def test_tp2_pp2_matches_single_process(tmp_path: Path, reference: Path) -> None
     torchrun_train(run, *BASE, "parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2", nproc=4)
     _close(run, reference)
     assert all(r["world_size"] == 4 for r in records(run))
+    assert_export_matches(run, tmp_path / "hf")
 
 
 def test_tp2_dp2_matches_single_process(tmp_path: Path, reference: Path) -> None:

@@ -1,0 +1,1 @@
+"""Hugging Face interoperability: export, import, tokenizer files and lm-eval-harness."""
