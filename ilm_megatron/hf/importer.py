@@ -152,9 +152,7 @@ def _model_from_native(hf: dict[str, Any]) -> ModelConfig:
             ffn_hidden_size=hf["intermediate_size"],
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         )
-    raise ConversionError(
-        f"config.json: model_type {mt!r} is not supported (ilm, mamba2 or llama)"
-    )
+    raise ConversionError(f"config.json: model_type {mt!r} is not supported (ilm, mamba2 or llama)")
 
 
 def _from_native_names(mcfg: ModelConfig, state: dict[str, torch.Tensor]):
