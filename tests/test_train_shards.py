@@ -88,3 +88,33 @@ def test_vocab_mismatch_with_manifest_is_refused(tmp_path, shards):
 def test_demo_config_loads():
     cfg = load_config([CONFIGS / "train" / "demo_shakespeare.yaml"])
     assert cfg.data.task == "shards" and cfg.model.vocab_size == 257
+
+
+def test_export_of_a_shards_run_carries_its_tokenizer(tmp_path, shards):
+    """The run's byte tokenizer is found from the data manifest and written as HF files; the
+    export's loss on a training sample equals ilm-megatron's."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from ilm_megatron.data.tokenizer import ByteTokenizer
+    from ilm_megatron.hf.export import export
+    from ilm_megatron.train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    train(_cfg(run, shards, "train.max_steps=2"), run, quiet=True)
+    res = export(run, tmp_path / "hf")
+    assert res.tokenizer == "byte"
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "Now is the winter — ünïcode ✓"
+    assert tok(text, add_special_tokens=False)["input_ids"] == ByteTokenizer().encode(text)
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == ByteTokenizer.eod_id
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), trust_remote_code=True
+    ).eval()
+    ours = ckpt.load_model(res.weights).eval()
+    ids = torch.tensor([ByteTokenizer().encode(TEXT[:40])])
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(ours(ids).logits[0, :-1, :257], ids[0, 1:]).item()
+        got = hf(ids, labels=ids).loss.item()
+    assert got == pytest.approx(want, abs=1e-5)

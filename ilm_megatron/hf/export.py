@@ -378,7 +378,7 @@ def run_tokenizer(config_text: str | None) -> tuple[str | None, str | None, str]
         return None, None, f"data.task={data.get('task')} has no text tokenizer"
     manifest = Path(str(data["path"])) / "manifest.json"
     try:
-        info = json.loads(manifest.read_text())["config"]["tokenizer"]
+        info = json.loads(manifest.read_text())["tokenizer"]
     except (OSError, ValueError, KeyError, TypeError):
         return None, None, f"{manifest} is not readable here"
     name, fp = str(info.get("name", "")), info.get("fingerprint")
