@@ -210,10 +210,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _add_catbabi(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run dir or model.safetensors")
     p.add_argument("--data", required=True, help="folder written by tools/make_catbabi.py")
@@ -284,3 +280,102 @@ SUBCOMMANDS["catbabi"] = (
     _run_catbabi,
     _print_catbabi,
 )
+
+
+# --------------------------------------------------------------------------- lm-eval
+
+
+def _override(text: str) -> tuple[str, Any]:
+    from ilm_megatron.hf.lm_eval import parse_override
+
+    try:
+        return parse_override(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--override {e}") from None
+
+
+def _task_list(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise argparse.ArgumentTypeError(
+            f"--tasks expects comma-separated task names, got {text!r}"
+        )
+    return tasks
+
+
+def _add_lm_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf-dir", required=True, help="Hugging Face folder (config.json, weights)")
+    p.add_argument(
+        "--tasks", required=True, type=_task_list, help="lm-eval tasks, e.g. piqa,arc_easy"
+    )
+    p.add_argument("--limit", type=int, default=None, help="first N documents per task (all)")
+    p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=None, help="context length (model config)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
+    p.add_argument("--output", default=None, help="write the results JSON here (atomically)")
+    p.add_argument(
+        "--override",
+        action="append",
+        type=_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="from_pretrained keyword argument, e.g. f_tol=1e-4 or dtype=float32 (repeatable; "
+        "values parsed as int, float, true/false, none or string)",
+    )
+    p.add_argument("--log-samples", action="store_true", help="keep per-document records")
+    p.add_argument("--json", action="store_true", help="print the results JSON")
+
+
+def _run_lm_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """lm-evaluation-harness on a Hugging Face folder (see ``ilm_megatron.hf.lm_eval``)."""
+    from pathlib import Path
+
+    from ilm_megatron.errors import UserError
+    from ilm_megatron.hf.lm_eval import run_lm_eval
+
+    try:
+        return run_lm_eval(
+            args.hf_dir,
+            args.tasks,
+            args.limit,
+            args.include_path,
+            args.batch_size,
+            args.device,
+            dict(args.override),
+            Path(args.output) if args.output else None,
+            log_samples=args.log_samples,
+            max_length=args.max_length,
+        )
+    except UserError as e:
+        raise EvalError(str(e)) from None
+
+
+def _print_lm_eval(result: dict[str, Any]) -> None:
+    solver = ", ".join(f"{k}={v}" for k, v in result["solver"].items()) or "none recorded"
+    limit = f", first {result['limit']} documents per task" if result["limit"] else ""
+    print(f"lm-eval on {result['hf_dir']} ({result['device']}{limit}); solver: {solver}")
+    print(f"{'task':<24}  {'metric':<16}  {'value':>8}  {'stderr':>8}")
+    for task, metrics in result["results"].items():
+        for key, value in metrics.items():
+            name, comma, filt = key.partition(",")  # lm-eval's keys are "metric,filter"
+            if not comma or name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            err = metrics.get(f"{name}_stderr,{filt}")
+            err_s = f"{err:8.4f}" if isinstance(err, (int, float)) else f"{'':>8}"
+            label = name if filt in ("", "none") else f"{name} ({filt})"
+            print(f"{task:<24}  {label:<16}  {value:8.4f}  {err_s}")
+    if result.get("output"):
+        print(f"results: {result['output']}")
+
+
+SUBCOMMANDS["lm-eval"] = (
+    "lm-evaluation-harness tasks on a Hugging Face folder (an export)",
+    _add_lm_eval,
+    _run_lm_eval,
+    _print_lm_eval,
+)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
