@@ -23,22 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from ilm_megatron.errors import UserError
+from ilm_megatron.hf.configuration_ilm import SOLVER_KEYS
 
 #: ``model.config`` attributes recorded as the solver settings in force (those that exist).
-SOLVER_ATTRS = (
-    "arch",
-    "implicit",
-    "f_max_iter",
-    "f_tol",
-    "phantom_steps",
-    "phantom_damping",
-    "eval_solver",
-    "eval_max_iter_mult",
-    "eval_tol",
-    "eval_damping",
-    "seq_warm_start",
-    "kernel_backend",
-)
+SOLVER_ATTRS = ("arch", "implicit", "iterate_init", *SOLVER_KEYS, "kernel_backend")
 
 #: ``from_pretrained`` keyword arguments accepted by ``--override`` besides config attributes.
 LOADER_KWARGS = frozenset({"dtype", "torch_dtype", "attn_implementation", "low_cpu_mem_usage"})
