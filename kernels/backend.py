@@ -63,3 +63,14 @@ def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
         if not on_cuda:
             raise BackendUnavailableError("backend 'mamba_ssm' runs on CUDA tensors only")
     return backend
+
+
+def launch_warps(elements: int, per_thread: int = 32) -> dict[str, int]:
+    """``{"num_warps": w}`` for a tile of ``elements``: about ``per_thread`` elements per thread,
+    4 to 8 warps (``{}`` in the interpreter, which ignores it)."""
+    if triton_interpreter():
+        return {}
+    warps = 4
+    while warps < 8 and elements > warps * 32 * per_thread:
+        warps *= 2
+    return {"num_warps": warps}

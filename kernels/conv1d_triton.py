@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backend import triton_interpreter
+from .backend import launch_warps, triton_interpreter
 
 __all__ = ["DEBUG_POISON", "CausalConv1dFn", "conv1d_backward", "conv1d_forward"]
 
@@ -364,6 +364,7 @@ def conv1d_forward(
         GRAD_Z=False,
         BLOCK_L=block_l,
         BLOCK_C=block_c,
+        **launch_warps(block_l * block_c),
     )
     return y
 
@@ -424,6 +425,7 @@ def conv1d_backward(
             GRAD_Z=True,
             BLOCK_L=block_l,
             BLOCK_C=block_c,
+            **launch_warps(block_l * block_c),
         )
 
     # 2. dx / dwindow / partial dweight and dbias over extended positions [-(w-1), l).
@@ -460,6 +462,7 @@ def conv1d_backward(
             NEED_DB=need_db,
             BLOCK_L=block_l,
             BLOCK_C=block_c,
+            **launch_warps(block_l * block_c),
         )
     dweight = None
     if need_dw:

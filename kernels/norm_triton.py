@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backend import triton_interpreter
+from .backend import launch_warps, triton_interpreter
 
 __all__ = ["DEBUG_POISON", "GatedRMSNormFn", "rms_norm_backward", "rms_norm_forward"]
 
@@ -194,6 +194,7 @@ def rms_norm_forward(
             HAS_GATE=g2 is not None,
             BLOCK_R=block_r,
             BLOCK_N=block_n,
+            **launch_warps(block_r * block_n, per_thread=16),
         )
     return y.reshape(x.shape), rstd
 
@@ -244,6 +245,7 @@ def rms_norm_backward(
             NEED_DW=need_dweight,
             BLOCK_R=block_r,
             BLOCK_N=block_n,
+            **launch_warps(block_r * block_n, per_thread=16),
         )
     dweight = None
     if need_dweight:

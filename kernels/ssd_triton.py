@@ -27,14 +27,18 @@ Backward kernels (the forward intermediates are recomputed, so only the inputs a
 8. ``_chunk_cumsum_bwd``: reverse cumsum of ``d a`` to ``d(dt A)``, then ``ddt`` and per-chunk
    partial sums of ``dA``.
 
-The small reductions left to PyTorch are: group sums of dB/dC, the sum of dA partials, and
-``dD = sum(dy * x)``.
+The small reductions left to PyTorch are: group sums of dB/dC, the sum of dA partials, the
+head-dim partials of ``ddt`` (headdim > 64), and ``dD = sum(dy * x)``.
 
 Sequence tails are masked (``l`` need not be a multiple of ``chunk_size``): masked steps have
 ``dt = 0`` (no decay, no write). Every kernel writes every element of its output that is read.
 
-Matmuls (``tl.dot``) run in float32; with float32 inputs they use IEEE precision (no TF32) so
-the kernels match the reference to ~1e-6, with half-precision inputs they may use TF32.
+Matmul operands (``tl.dot``) are in the input dtype (bf16/fp16 tensor cores; fp32 states and
+scores are cast down first, as mamba-ssm does) and accumulate in float32. Float32 inputs use
+TF32 on the GPU, or exact IEEE fp32 with ``ILM_KERNELS_FP32_PRECISION=ieee`` (the GPU tests set
+it to compare at 1e-5). x, dt, B, C and dy are read through their strides (no copies); every
+scalar base offset is int64, tile offsets are int32. ``tools/kernel_report.py`` compiles every
+kernel for sm_90a and reports registers, spills, shared memory and the MMA instruction.
 
 Importing this module needs triton but never CUDA or mamba-ssm. On CPU tensors the kernels run
 only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
@@ -43,6 +47,7 @@ only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is i
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -85,93 +90,121 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 # --------------------------------------------------------------------------------------------
 # Kernels
+#
+# Addressing: every program computes its scalar base offsets (batch, chunk start, head, group)
+# in int64 and adds them to the pointers once; the offsets inside a tile (a chunk of at most
+# chunk_size steps by one head's p or n) stay int32. Inputs x, dt, B, C and dy are read through
+# their strides (the model passes views of the conv output), outputs and scratch are contiguous.
+# Dot operands are in the input dtype ``OP`` (bf16/fp16 tensor cores; fp32 with ``PREC``),
+# accumulation is float32.
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _chunk_cumsum_fwd(
-    dt_ptr,  # (b, l, h)
+    dt_ptr,  # (b, l, h), strides s_db, s_dl, s_dh
     A_ptr,  # (h,)
     dacs_ptr,  # out (b, h, c, L) float32
     seqlen,
     nheads,
     nchunks,
     chunk_size,
+    s_db,
+    s_dl,
+    s_dh,
     BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0)  # over (b, h, c)
     ci = pid % nchunks
-    bh = (pid // nchunks).to(tl.int64)
+    bh = pid // nchunks
     hi = bh % nheads
-    bi = bh // nheads
+    bi = (bh // nheads).to(tl.int64)
+    t0 = ci * chunk_size
     offs = tl.arange(0, BLOCK_L)
-    t = ci * chunk_size + offs
-    valid = (offs < chunk_size) & (t < seqlen)
-    dt = tl.load(dt_ptr + (bi * seqlen + t) * nheads + hi, mask=valid, other=0.0).to(tl.float32)
+    valid = (offs < chunk_size) & (offs < seqlen - t0)
+    dt_base = dt_ptr + bi * s_db + t0.to(tl.int64) * s_dl + hi * s_dh
+    dt = tl.load(dt_base + offs * s_dl, mask=valid, other=0.0).to(tl.float32)
     a = tl.load(A_ptr + hi).to(tl.float32)
     cs = tl.cumsum(dt * a, axis=0)
-    tl.store(dacs_ptr + (bh * nchunks + ci) * chunk_size + offs, cs, mask=offs < chunk_size)
+    dacs_base = dacs_ptr + ((bi * nheads + hi) * nchunks + ci) * chunk_size
+    tl.store(dacs_base + offs, cs, mask=offs < chunk_size)
 
 
 @triton.jit
 def _chunk_state(
-    x_ptr,  # (b, l, h, p): x (MODE 0) or dy (MODE 1)
-    y_ptr,  # (b, l, g, n): B (MODE 0) or C (MODE 1)
-    dt_ptr,  # (b, l, h)
+    x_ptr,  # (b, l, h, p): x (MODE 0) or dy (MODE 1), strides s_xb, s_xl, s_xh, s_xp
+    y_ptr,  # (b, l, g, n): B (MODE 0) or C (MODE 1), strides s_yb, s_yl, s_yg, s_yn
+    dt_ptr,  # (b, l, h), strides s_db, s_dl, s_dh
     dacs_ptr,  # (b, h, c, L)
     out_ptr,  # out (b, c, h, p, n) float32
     seqlen,
     nheads,
-    ngroups,
     heads_per_group,
     headdim,
     dstate,
     nchunks,
     chunk_size,
+    s_xb,
+    s_xl,
+    s_xh,
+    s_xp,
+    s_yb,
+    s_yl,
+    s_yg,
+    s_yn,
+    s_db,
+    s_dl,
+    s_dh,
     MODE: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    OP: tl.constexpr = x_ptr.dtype.element_ty
     pid_bch = tl.program_id(0)
     pid_p = tl.program_id(1)
     pid_n = tl.program_id(2)
     hi = pid_bch % nheads
-    bc = (pid_bch // nheads).to(tl.int64)
+    bc = pid_bch // nheads
     ci = bc % nchunks
-    bi = bc // nchunks
+    bi = (bc // nchunks).to(tl.int64)
     gi = hi // heads_per_group
+    t0 = ci * chunk_size
+    nval = tl.minimum(chunk_size, seqlen - t0)  # steps of this chunk inside the sequence
+    t0 = t0.to(tl.int64)
+    x_base = x_ptr + bi * s_xb + t0 * s_xl + hi * s_xh
+    y_base = y_ptr + bi * s_yb + t0 * s_yl + gi * s_yg
+    dt_base = dt_ptr + bi * s_db + t0 * s_dl + hi * s_dh
+    dacs_base = dacs_ptr + ((bi * nheads + hi) * nchunks + ci) * chunk_size
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     pmask = offs_p < headdim
     nmask = offs_n < dstate
-    dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
-    dacs_base = dacs_ptr + dacs_off
     a_last = tl.load(dacs_base + chunk_size - 1)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, chunk_size, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        t = ci * chunk_size + offs_k
-        kval = (offs_k < chunk_size) & (t < seqlen)
+        kval = offs_k < nval
         xt = tl.load(
-            x_ptr + ((bi * seqlen + t[None, :]) * nheads + hi) * headdim + offs_p[:, None],
+            x_base + offs_k[None, :] * s_xl + offs_p[:, None] * s_xp,
             mask=kval[None, :] & pmask[:, None],
             other=0.0,
-        ).to(tl.float32)  # (P, K)
+        )  # (P, K)
         yk = tl.load(
-            y_ptr + ((bi * seqlen + t[:, None]) * ngroups + gi) * dstate + offs_n[None, :],
+            y_base + offs_k[:, None] * s_yl + offs_n[None, :] * s_yn,
             mask=kval[:, None] & nmask[None, :],
             other=0.0,
-        ).to(tl.float32)  # (K, N)
+        )  # (K, N)
         a = tl.load(dacs_base + offs_k, mask=offs_k < chunk_size, other=0.0)
         if MODE == 0:
-            dt = tl.load(dt_ptr + (bi * seqlen + t) * nheads + hi, mask=kval, other=0.0)
+            dt = tl.load(dt_base + offs_k * s_dl, mask=kval, other=0.0)
             w = dt.to(tl.float32) * tl.exp(a_last - a)
         else:
             w = tl.exp(a)
         w = tl.where(kval, w, 0.0)
-        acc += tl.dot(xt, yk * w[:, None], input_precision=PREC)
+        yw = (yk.to(tl.float32) * w[:, None]).to(OP)
+        acc += tl.dot(xt.to(OP), yw, input_precision=PREC)
     out = out_ptr + ((bi * nchunks + ci) * nheads + hi) * headdim * dstate
     tl.store(
         out + offs_p[:, None] * dstate + offs_n[None, :],
@@ -215,22 +248,36 @@ def _state_passing_fwd(
 
 @triton.jit
 def _chunk_scan_fwd(
-    x_ptr,  # (b, l, h, p)
-    dt_ptr,  # (b, l, h)
+    x_ptr,  # (b, l, h, p), strides s_xb, s_xl, s_xh, s_xp
+    dt_ptr,  # (b, l, h), strides s_db, s_dl, s_dh
     dacs_ptr,  # (b, h, c, L)
-    B_ptr,  # (b, l, g, n)
-    C_ptr,  # (b, l, g, n)
+    B_ptr,  # (b, l, g, n), strides s_bb, s_bl, s_bg, s_bn
+    C_ptr,  # (b, l, g, n), strides s_cb, s_cl, s_cg, s_cn
     states_ptr,  # (b, c, h, p, n)
     D_ptr,  # (h,) or (h, p)
-    y_ptr,  # out (b, l, h, p)
+    y_ptr,  # out (b, l, h, p), contiguous
     seqlen,
     nheads,
-    ngroups,
     heads_per_group,
     headdim,
     dstate,
     nchunks,
     chunk_size,
+    s_xb,
+    s_xl,
+    s_xh,
+    s_xp,
+    s_db,
+    s_dl,
+    s_dh,
+    s_bb,
+    s_bl,
+    s_bg,
+    s_bn,
+    s_cb,
+    s_cl,
+    s_cg,
+    s_cn,
     HAS_D: tl.constexpr,
     D_HAS_P: tl.constexpr,
     PREC: tl.constexpr,
@@ -238,72 +285,80 @@ def _chunk_scan_fwd(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    OP: tl.constexpr = x_ptr.dtype.element_ty
     pid_bch = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_p = tl.program_id(2)
     hi = pid_bch % nheads
-    bc = (pid_bch // nheads).to(tl.int64)
+    bc = pid_bch // nheads
     ci = bc % nchunks
-    bi = bc // nchunks
+    bi = (bc // nchunks).to(tl.int64)
     gi = hi // heads_per_group
+    t0 = ci * chunk_size
+    nval = tl.minimum(chunk_size, seqlen - t0)
+    t0 = t0.to(tl.int64)
+    x_base = x_ptr + bi * s_xb + t0 * s_xl + hi * s_xh
+    dt_base = dt_ptr + bi * s_db + t0 * s_dl + hi * s_dh
+    b_base = B_ptr + bi * s_bb + t0 * s_bl + gi * s_bg
+    c_base = C_ptr + bi * s_cb + t0 * s_cl + gi * s_cg
+    y_base = y_ptr + ((bi * seqlen + t0) * nheads + hi) * headdim
+    dacs_base = dacs_ptr + ((bi * nheads + hi) * nchunks + ci) * chunk_size
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     pmask = offs_p < headdim
     nmask = offs_n < dstate
-    t_m = ci * chunk_size + offs_m
-    mval = (offs_m < chunk_size) & (t_m < seqlen)
-    dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
-    dacs_base = dacs_ptr + dacs_off
+    mval = offs_m < nval
     a_m = tl.load(dacs_base + offs_m, mask=offs_m < chunk_size, other=0.0)
 
     # Off-diagonal: exp(a_m) * C_m @ S^T, S (p, n) loaded as (n, p).
     c_m = tl.load(
-        C_ptr + ((bi * seqlen + t_m[:, None]) * ngroups + gi) * dstate + offs_n[None, :],
+        c_base + offs_m[:, None] * s_cl + offs_n[None, :] * s_cn,
         mask=mval[:, None] & nmask[None, :],
         other=0.0,
-    ).to(tl.float32)  # (M, N)
+    ).to(OP)  # (M, N)
     s_base = states_ptr + ((bi * nchunks + ci) * nheads + hi) * headdim * dstate
     s = tl.load(
         s_base + offs_p[None, :] * dstate + offs_n[:, None],
         mask=pmask[None, :] & nmask[:, None],
         other=0.0,
     )  # (N, P)
-    acc = tl.dot(c_m, s, input_precision=PREC) * tl.exp(a_m)[:, None]
+    acc = tl.dot(c_m, s.to(OP), input_precision=PREC) * tl.exp(a_m)[:, None]
 
     # Diagonal block: causal (C_m . B_k) exp(a_m - a_k) dt_k x_k, k <= m.
     k_end = tl.minimum((pid_m + 1) * BLOCK_M, chunk_size)
     for k0 in range(0, k_end, BLOCK_M):
         offs_k = k0 + tl.arange(0, BLOCK_M)
-        t_k = ci * chunk_size + offs_k
-        kval = (offs_k < chunk_size) & (t_k < seqlen)
+        kval = offs_k < nval
         bt = tl.load(
-            B_ptr + ((bi * seqlen + t_k[None, :]) * ngroups + gi) * dstate + offs_n[:, None],
+            b_base + offs_k[None, :] * s_bl + offs_n[:, None] * s_bn,
             mask=kval[None, :] & nmask[:, None],
             other=0.0,
-        ).to(tl.float32)  # (N, K)
+        ).to(OP)  # (N, K)
         a_k = tl.load(dacs_base + offs_k, mask=offs_k < chunk_size, other=0.0)
-        dt_k = tl.load(dt_ptr + (bi * seqlen + t_k) * nheads + hi, mask=kval, other=0.0)
+        dt_k = tl.load(dt_base + offs_k * s_dl, mask=kval, other=0.0).to(tl.float32)
         causal = (offs_m[:, None] >= offs_k[None, :]) & kval[None, :]
         decay = tl.exp(tl.where(causal, a_m[:, None] - a_k[None, :], float("-inf")))
-        scores = tl.dot(c_m, bt, input_precision=PREC) * decay * dt_k.to(tl.float32)[None, :]
+        scores = tl.dot(c_m, bt, input_precision=PREC) * decay * dt_k[None, :]
         xk = tl.load(
-            x_ptr + ((bi * seqlen + t_k[:, None]) * nheads + hi) * headdim + offs_p[None, :],
+            x_base + offs_k[:, None] * s_xl + offs_p[None, :] * s_xp,
             mask=kval[:, None] & pmask[None, :],
             other=0.0,
-        ).to(tl.float32)  # (K, P)
-        acc += tl.dot(scores, xk, input_precision=PREC)
+        ).to(OP)  # (K, P)
+        acc += tl.dot(scores.to(OP), xk, input_precision=PREC)
 
-    io = ((bi * seqlen + t_m[:, None]) * nheads + hi) * headdim + offs_p[None, :]
     iomask = mval[:, None] & pmask[None, :]
     if HAS_D:
-        xm = tl.load(x_ptr + io, mask=iomask, other=0.0).to(tl.float32)
+        xm = tl.load(
+            x_base + offs_m[:, None] * s_xl + offs_p[None, :] * s_xp, mask=iomask, other=0.0
+        ).to(tl.float32)
         if D_HAS_P:
             d = tl.load(D_ptr + hi * headdim + offs_p, mask=pmask, other=0.0).to(tl.float32)
             acc += d[None, :] * xm
         else:
             acc += tl.load(D_ptr + hi).to(tl.float32) * xm
-    tl.store(y_ptr + io, acc.to(y_ptr.dtype.element_ty), mask=iomask)
+    y_off = offs_m[:, None] * (nheads * headdim) + offs_p[None, :]
+    tl.store(y_base + y_off, acc.to(y_ptr.dtype.element_ty), mask=iomask)
 
 
 @triton.jit
@@ -349,24 +404,42 @@ def _state_passing_bwd(
 
 @triton.jit
 def _chunk_scan_bwd_dx(
-    x_ptr,  # (b, l, h, p)
-    dt_ptr,  # (b, l, h)
+    x_ptr,  # (b, l, h, p), strides s_xb, s_xl, s_xh, s_xp
+    dt_ptr,  # (b, l, h), strides s_db, s_dl, s_dh
     dacs_ptr,  # (b, h, c, L)
-    B_ptr,  # (b, l, g, n)
-    C_ptr,  # (b, l, g, n)
+    B_ptr,  # (b, l, g, n), strides s_bb, s_bl, s_bg, s_bn
+    C_ptr,  # (b, l, g, n), strides s_cb, s_cl, s_cg, s_cn
     dcs_ptr,  # (b, c, h, p, n)
     D_ptr,  # (h,) or (h, p)
-    dy_ptr,  # (b, l, h, p)
-    dx_ptr,  # out (b, l, h, p)
-    ddt_ptr,  # out (b, h, c, L) float32: direct part of ddt
+    dy_ptr,  # (b, l, h, p), strides s_yb, s_yl, s_yh, s_yp
+    dx_ptr,  # out (b, l, h, p), contiguous
+    ddt_ptr,  # out (np, b, h, c, L) float32: direct part of ddt, one slice per p block
     seqlen,
     nheads,
-    ngroups,
     heads_per_group,
     headdim,
     dstate,
     nchunks,
     chunk_size,
+    s_xb,
+    s_xl,
+    s_xh,
+    s_xp,
+    s_db,
+    s_dl,
+    s_dh,
+    s_bb,
+    s_bl,
+    s_bg,
+    s_bn,
+    s_cb,
+    s_cl,
+    s_cg,
+    s_cn,
+    s_yb,
+    s_yl,
+    s_yh,
+    s_yp,
     HAS_D: tl.constexpr,
     D_HAS_P: tl.constexpr,
     PREC: tl.constexpr,
@@ -374,159 +447,203 @@ def _chunk_scan_bwd_dx(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    OP: tl.constexpr = x_ptr.dtype.element_ty
     pid_bch = tl.program_id(0)
     pid_j = tl.program_id(1)
+    pid_p = tl.program_id(2)
     hi = pid_bch % nheads
-    bc = (pid_bch // nheads).to(tl.int64)
+    bc = pid_bch // nheads
     ci = bc % nchunks
-    bi = bc // nchunks
+    bi = (bc // nchunks).to(tl.int64)
     gi = hi // heads_per_group
+    t0 = ci * chunk_size
+    nval = tl.minimum(chunk_size, seqlen - t0)
+    t0 = t0.to(tl.int64)
+    x_base = x_ptr + bi * s_xb + t0 * s_xl + hi * s_xh
+    dt_base = dt_ptr + bi * s_db + t0 * s_dl + hi * s_dh
+    b_base = B_ptr + bi * s_bb + t0 * s_bl + gi * s_bg
+    c_base = C_ptr + bi * s_cb + t0 * s_cl + gi * s_cg
+    dy_base = dy_ptr + bi * s_yb + t0 * s_yl + hi * s_yh
+    dx_base = dx_ptr + ((bi * seqlen + t0) * nheads + hi) * headdim
+    dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
+    dacs_base = dacs_ptr + dacs_off
     offs_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_p = tl.arange(0, BLOCK_P)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     pmask = offs_p < headdim
     nmask = offs_n < dstate
-    t_j = ci * chunk_size + offs_j
-    jval = (offs_j < chunk_size) & (t_j < seqlen)
-    dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
-    dacs_base = dacs_ptr + dacs_off
+    jval = offs_j < nval
     a_j = tl.load(dacs_base + offs_j, mask=offs_j < chunk_size, other=0.0)
     a_last = tl.load(dacs_base + chunk_size - 1)
 
     b_j = tl.load(
-        B_ptr + ((bi * seqlen + t_j[:, None]) * ngroups + gi) * dstate + offs_n[None, :],
+        b_base + offs_j[:, None] * s_bl + offs_n[None, :] * s_bn,
         mask=jval[:, None] & nmask[None, :],
         other=0.0,
-    ).to(tl.float32)  # (J, N)
+    ).to(OP)  # (J, N)
     dcs_base = dcs_ptr + ((bi * nchunks + ci) * nheads + hi) * headdim * dstate
     dcs_t = tl.load(
         dcs_base + offs_p[None, :] * dstate + offs_n[:, None],
         mask=pmask[None, :] & nmask[:, None],
         other=0.0,
     )  # (N, P)
-    acc = tl.dot(b_j, dcs_t, input_precision=PREC) * tl.exp(a_last - a_j)[:, None]
+    acc = tl.dot(b_j, dcs_t.to(OP), input_precision=PREC) * tl.exp(a_last - a_j)[:, None]
 
     for i0 in range(pid_j * BLOCK_M, chunk_size, BLOCK_M):
         offs_i = i0 + tl.arange(0, BLOCK_M)
-        t_i = ci * chunk_size + offs_i
-        ival = (offs_i < chunk_size) & (t_i < seqlen)
+        ival = offs_i < nval
         c_t = tl.load(
-            C_ptr + ((bi * seqlen + t_i[None, :]) * ngroups + gi) * dstate + offs_n[:, None],
+            c_base + offs_i[None, :] * s_cl + offs_n[:, None] * s_cn,
             mask=ival[None, :] & nmask[:, None],
             other=0.0,
-        ).to(tl.float32)  # (N, I)
+        ).to(OP)  # (N, I)
         a_i = tl.load(dacs_base + offs_i, mask=offs_i < chunk_size, other=0.0)
         causal = (offs_i[None, :] >= offs_j[:, None]) & ival[None, :]
         decay = tl.exp(tl.where(causal, a_i[None, :] - a_j[:, None], float("-inf")))
         scores = tl.dot(b_j, c_t, input_precision=PREC) * decay  # (J, I)
         dy_i = tl.load(
-            dy_ptr + ((bi * seqlen + t_i[:, None]) * nheads + hi) * headdim + offs_p[None, :],
+            dy_base + offs_i[:, None] * s_yl + offs_p[None, :] * s_yp,
             mask=ival[:, None] & pmask[None, :],
             other=0.0,
-        ).to(tl.float32)  # (I, P)
-        acc += tl.dot(scores, dy_i, input_precision=PREC)
+        ).to(OP)  # (I, P)
+        acc += tl.dot(scores.to(OP), dy_i, input_precision=PREC)
 
-    io = ((bi * seqlen + t_j[:, None]) * nheads + hi) * headdim + offs_p[None, :]
     iomask = jval[:, None] & pmask[None, :]
-    x_j = tl.load(x_ptr + io, mask=iomask, other=0.0).to(tl.float32)
-    dt_j = tl.load(dt_ptr + (bi * seqlen + t_j) * nheads + hi, mask=jval, other=0.0)
-    dx = acc * dt_j.to(tl.float32)[:, None]
+    x_j = tl.load(
+        x_base + offs_j[:, None] * s_xl + offs_p[None, :] * s_xp, mask=iomask, other=0.0
+    ).to(tl.float32)
+    dt_j = tl.load(dt_base + offs_j * s_dl, mask=jval, other=0.0).to(tl.float32)
+    dx = acc * dt_j[:, None]
     if HAS_D:
-        dy_j = tl.load(dy_ptr + io, mask=iomask, other=0.0).to(tl.float32)
+        dy_j = tl.load(
+            dy_base + offs_j[:, None] * s_yl + offs_p[None, :] * s_yp, mask=iomask, other=0.0
+        ).to(tl.float32)
         if D_HAS_P:
             d = tl.load(D_ptr + hi * headdim + offs_p, mask=pmask, other=0.0).to(tl.float32)
             dx += d[None, :] * dy_j
         else:
             dx += tl.load(D_ptr + hi).to(tl.float32) * dy_j
-    tl.store(dx_ptr + io, dx.to(dx_ptr.dtype.element_ty), mask=iomask)
+    dx_off = offs_j[:, None] * (nheads * headdim) + offs_p[None, :]
+    tl.store(dx_base + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=iomask)
     ddt = tl.where(jval, tl.sum(acc * x_j, axis=1), 0.0)
-    tl.store(ddt_ptr + dacs_off + offs_j, ddt, mask=offs_j < chunk_size)
+    nslice = tl.num_programs(0).to(tl.int64) * chunk_size  # b * c * h * L
+    ddt_base = ddt_ptr + pid_p.to(tl.int64) * nslice + dacs_off
+    tl.store(ddt_base + offs_j, ddt, mask=offs_j < chunk_size)
 
 
 @triton.jit
 def _chunk_scan_bwd_dc(
-    x_ptr,  # (b, l, h, p)
-    dt_ptr,  # (b, l, h)
+    x_ptr,  # (b, l, h, p), strides s_xb, s_xl, s_xh, s_xp
+    dt_ptr,  # (b, l, h), strides s_db, s_dl, s_dh
     dacs_ptr,  # (b, h, c, L)
-    B_ptr,  # (b, l, g, n)
-    C_ptr,  # (b, l, g, n)
+    B_ptr,  # (b, l, g, n), strides s_bb, s_bl, s_bg, s_bn
+    C_ptr,  # (b, l, g, n), strides s_cb, s_cl, s_cg, s_cn
     states_ptr,  # (b, c, h, p, n)
-    dy_ptr,  # (b, l, h, p)
+    dy_ptr,  # (b, l, h, p), strides s_yb, s_yl, s_yh, s_yp
     dc_ptr,  # out (b, l, h, n) float32: per-head dC
     da_ptr,  # out (b, h, c, L) float32: dC_i . C_i
     seqlen,
     nheads,
-    ngroups,
     heads_per_group,
     headdim,
     dstate,
     nchunks,
     chunk_size,
+    s_xb,
+    s_xl,
+    s_xh,
+    s_xp,
+    s_db,
+    s_dl,
+    s_dh,
+    s_bb,
+    s_bl,
+    s_bg,
+    s_bn,
+    s_cb,
+    s_cl,
+    s_cg,
+    s_cn,
+    s_yb,
+    s_yl,
+    s_yh,
+    s_yp,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    OP: tl.constexpr = x_ptr.dtype.element_ty
     pid_bch = tl.program_id(0)
     pid_i = tl.program_id(1)
     hi = pid_bch % nheads
-    bc = (pid_bch // nheads).to(tl.int64)
+    bc = pid_bch // nheads
     ci = bc % nchunks
-    bi = bc // nchunks
+    bi = (bc // nchunks).to(tl.int64)
     gi = hi // heads_per_group
-    offs_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    pmask = offs_p < headdim
-    nmask = offs_n < dstate
-    t_i = ci * chunk_size + offs_i
-    ival = (offs_i < chunk_size) & (t_i < seqlen)
+    t0 = ci * chunk_size
+    nval = tl.minimum(chunk_size, seqlen - t0)
+    t0 = t0.to(tl.int64)
+    x_base = x_ptr + bi * s_xb + t0 * s_xl + hi * s_xh
+    dt_base = dt_ptr + bi * s_db + t0 * s_dl + hi * s_dh
+    b_base = B_ptr + bi * s_bb + t0 * s_bl + gi * s_bg
+    c_base = C_ptr + bi * s_cb + t0 * s_cl + gi * s_cg
+    dy_base = dy_ptr + bi * s_yb + t0 * s_yl + hi * s_yh
     dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
     dacs_base = dacs_ptr + dacs_off
-    a_i = tl.load(dacs_base + offs_i, mask=offs_i < chunk_size, other=0.0)
-
-    dy_i = tl.load(
-        dy_ptr + ((bi * seqlen + t_i[:, None]) * nheads + hi) * headdim + offs_p[None, :],
-        mask=ival[:, None] & pmask[None, :],
-        other=0.0,
-    ).to(tl.float32)  # (I, P)
     s_base = states_ptr + ((bi * nchunks + ci) * nheads + hi) * headdim * dstate
-    s = tl.load(
-        s_base + offs_p[:, None] * dstate + offs_n[None, :],
-        mask=pmask[:, None] & nmask[None, :],
-        other=0.0,
-    )  # (P, N)
-    acc = tl.dot(dy_i, s, input_precision=PREC) * tl.exp(a_i)[:, None]
-
+    offs_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    nmask = offs_n < dstate
+    ival = offs_i < nval
+    a_i = tl.load(dacs_base + offs_i, mask=offs_i < chunk_size, other=0.0)
+    decay_i = tl.exp(a_i)
     j_end = tl.minimum((pid_i + 1) * BLOCK_M, chunk_size)
-    for j0 in range(0, j_end, BLOCK_M):
-        offs_j = j0 + tl.arange(0, BLOCK_M)
-        t_j = ci * chunk_size + offs_j
-        jval = (offs_j < chunk_size) & (t_j < seqlen)
-        x_t = tl.load(
-            x_ptr + ((bi * seqlen + t_j[None, :]) * nheads + hi) * headdim + offs_p[:, None],
-            mask=jval[None, :] & pmask[:, None],
+
+    # The head dim is a contraction here: tile it (one pass when headdim <= BLOCK_P).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(0, headdim, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < headdim
+        dy_i = tl.load(
+            dy_base + offs_i[:, None] * s_yl + offs_p[None, :] * s_yp,
+            mask=ival[:, None] & pmask[None, :],
             other=0.0,
-        ).to(tl.float32)  # (P, J)
-        a_j = tl.load(dacs_base + offs_j, mask=offs_j < chunk_size, other=0.0)
-        dt_j = tl.load(dt_ptr + (bi * seqlen + t_j) * nheads + hi, mask=jval, other=0.0)
-        causal = (offs_i[:, None] >= offs_j[None, :]) & jval[None, :]
-        decay = tl.exp(tl.where(causal, a_i[:, None] - a_j[None, :], float("-inf")))
-        scores = tl.dot(dy_i, x_t, input_precision=PREC) * decay * dt_j.to(tl.float32)[None, :]
-        b_j = tl.load(
-            B_ptr + ((bi * seqlen + t_j[:, None]) * ngroups + gi) * dstate + offs_n[None, :],
-            mask=jval[:, None] & nmask[None, :],
+        ).to(OP)  # (I, P)
+        s = tl.load(
+            s_base + offs_p[:, None] * dstate + offs_n[None, :],
+            mask=pmask[:, None] & nmask[None, :],
             other=0.0,
-        ).to(tl.float32)  # (J, N)
-        acc += tl.dot(scores, b_j, input_precision=PREC)
+        )  # (P, N)
+        acc += tl.dot(dy_i, s.to(OP), input_precision=PREC) * decay_i[:, None]
+        for j0 in range(0, j_end, BLOCK_M):
+            offs_j = j0 + tl.arange(0, BLOCK_M)
+            jval = offs_j < nval
+            x_t = tl.load(
+                x_base + offs_j[None, :] * s_xl + offs_p[:, None] * s_xp,
+                mask=jval[None, :] & pmask[:, None],
+                other=0.0,
+            ).to(OP)  # (P, J)
+            a_j = tl.load(dacs_base + offs_j, mask=offs_j < chunk_size, other=0.0)
+            dt_j = tl.load(dt_base + offs_j * s_dl, mask=jval, other=0.0).to(tl.float32)
+            causal = (offs_i[:, None] >= offs_j[None, :]) & jval[None, :]
+            decay = tl.exp(tl.where(causal, a_i[:, None] - a_j[None, :], float("-inf")))
+            scores = tl.dot(dy_i, x_t, input_precision=PREC) * decay * dt_j[None, :]
+            b_j = tl.load(
+                b_base + offs_j[:, None] * s_bl + offs_n[None, :] * s_bn,
+                mask=jval[:, None] & nmask[None, :],
+                other=0.0,
+            ).to(OP)  # (J, N)
+            acc += tl.dot(scores.to(OP), b_j, input_precision=PREC)
 
     c_i = tl.load(
-        C_ptr + ((bi * seqlen + t_i[:, None]) * ngroups + gi) * dstate + offs_n[None, :],
+        c_base + offs_i[:, None] * s_cl + offs_n[None, :] * s_cn,
         mask=ival[:, None] & nmask[None, :],
         other=0.0,
     ).to(tl.float32)
+    dc_base = dc_ptr + ((bi * seqlen + t0) * nheads + hi) * dstate
     tl.store(
-        dc_ptr + ((bi * seqlen + t_i[:, None]) * nheads + hi) * dstate + offs_n[None, :],
+        dc_base + offs_i[:, None] * (nheads * dstate) + offs_n[None, :],
         acc,
         mask=ival[:, None] & nmask[None, :],
     )
@@ -536,89 +653,118 @@ def _chunk_scan_bwd_dc(
 
 @triton.jit
 def _chunk_scan_bwd_db(
-    x_ptr,  # (b, l, h, p)
-    dt_ptr,  # (b, l, h)
+    x_ptr,  # (b, l, h, p), strides s_xb, s_xl, s_xh, s_xp
+    dt_ptr,  # (b, l, h), strides s_db, s_dl, s_dh
     dacs_ptr,  # (b, h, c, L)
-    B_ptr,  # (b, l, g, n)
-    C_ptr,  # (b, l, g, n)
+    B_ptr,  # (b, l, g, n), strides s_bb, s_bl, s_bg, s_bn
+    C_ptr,  # (b, l, g, n), strides s_cb, s_cl, s_cg, s_cn
     dcs_ptr,  # (b, c, h, p, n)
-    dy_ptr,  # (b, l, h, p)
+    dy_ptr,  # (b, l, h, p), strides s_yb, s_yl, s_yh, s_yp
     db_ptr,  # out (b, l, h, n) float32: per-head dB
     da_ptr,  # out (b, h, c, L) float32: dB_j . B_j
     seqlen,
     nheads,
-    ngroups,
     heads_per_group,
     headdim,
     dstate,
     nchunks,
     chunk_size,
+    s_xb,
+    s_xl,
+    s_xh,
+    s_xp,
+    s_db,
+    s_dl,
+    s_dh,
+    s_bb,
+    s_bl,
+    s_bg,
+    s_bn,
+    s_cb,
+    s_cl,
+    s_cg,
+    s_cn,
+    s_yb,
+    s_yl,
+    s_yh,
+    s_yp,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    OP: tl.constexpr = x_ptr.dtype.element_ty
     pid_bch = tl.program_id(0)
     pid_j = tl.program_id(1)
     hi = pid_bch % nheads
-    bc = (pid_bch // nheads).to(tl.int64)
+    bc = pid_bch // nheads
     ci = bc % nchunks
-    bi = bc // nchunks
+    bi = (bc // nchunks).to(tl.int64)
     gi = hi // heads_per_group
-    offs_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    pmask = offs_p < headdim
-    nmask = offs_n < dstate
-    t_j = ci * chunk_size + offs_j
-    jval = (offs_j < chunk_size) & (t_j < seqlen)
+    t0 = ci * chunk_size
+    nval = tl.minimum(chunk_size, seqlen - t0)
+    t0 = t0.to(tl.int64)
+    x_base = x_ptr + bi * s_xb + t0 * s_xl + hi * s_xh
+    dt_base = dt_ptr + bi * s_db + t0 * s_dl + hi * s_dh
+    b_base = B_ptr + bi * s_bb + t0 * s_bl + gi * s_bg
+    c_base = C_ptr + bi * s_cb + t0 * s_cl + gi * s_cg
+    dy_base = dy_ptr + bi * s_yb + t0 * s_yl + hi * s_yh
     dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
     dacs_base = dacs_ptr + dacs_off
+    dcs_base = dcs_ptr + ((bi * nchunks + ci) * nheads + hi) * headdim * dstate
+    offs_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    nmask = offs_n < dstate
+    jval = offs_j < nval
     a_j = tl.load(dacs_base + offs_j, mask=offs_j < chunk_size, other=0.0)
     a_last = tl.load(dacs_base + chunk_size - 1)
+    decay_j = tl.exp(a_last - a_j)
 
-    x_j = tl.load(
-        x_ptr + ((bi * seqlen + t_j[:, None]) * nheads + hi) * headdim + offs_p[None, :],
-        mask=jval[:, None] & pmask[None, :],
-        other=0.0,
-    ).to(tl.float32)  # (J, P)
-    dcs_base = dcs_ptr + ((bi * nchunks + ci) * nheads + hi) * headdim * dstate
-    dcs = tl.load(
-        dcs_base + offs_p[:, None] * dstate + offs_n[None, :],
-        mask=pmask[:, None] & nmask[None, :],
-        other=0.0,
-    )  # (P, N)
-    acc = tl.dot(x_j, dcs, input_precision=PREC) * tl.exp(a_last - a_j)[:, None]
-
-    for i0 in range(pid_j * BLOCK_M, chunk_size, BLOCK_M):
-        offs_i = i0 + tl.arange(0, BLOCK_M)
-        t_i = ci * chunk_size + offs_i
-        ival = (offs_i < chunk_size) & (t_i < seqlen)
-        dy_t = tl.load(
-            dy_ptr + ((bi * seqlen + t_i[None, :]) * nheads + hi) * headdim + offs_p[:, None],
-            mask=ival[None, :] & pmask[:, None],
+    # The head dim is a contraction here: tile it (one pass when headdim <= BLOCK_P).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(0, headdim, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < headdim
+        x_j = tl.load(
+            x_base + offs_j[:, None] * s_xl + offs_p[None, :] * s_xp,
+            mask=jval[:, None] & pmask[None, :],
             other=0.0,
-        ).to(tl.float32)  # (P, I)
-        a_i = tl.load(dacs_base + offs_i, mask=offs_i < chunk_size, other=0.0)
-        causal = (offs_i[None, :] >= offs_j[:, None]) & ival[None, :]
-        decay = tl.exp(tl.where(causal, a_i[None, :] - a_j[:, None], float("-inf")))
-        scores = tl.dot(x_j, dy_t, input_precision=PREC) * decay  # (J, I)
-        c_i = tl.load(
-            C_ptr + ((bi * seqlen + t_i[:, None]) * ngroups + gi) * dstate + offs_n[None, :],
-            mask=ival[:, None] & nmask[None, :],
+        ).to(OP)  # (J, P)
+        dcs = tl.load(
+            dcs_base + offs_p[:, None] * dstate + offs_n[None, :],
+            mask=pmask[:, None] & nmask[None, :],
             other=0.0,
-        ).to(tl.float32)  # (I, N)
-        acc += tl.dot(scores, c_i, input_precision=PREC)
+        )  # (P, N)
+        acc += tl.dot(x_j, dcs.to(OP), input_precision=PREC) * decay_j[:, None]
+        for i0 in range(pid_j * BLOCK_M, chunk_size, BLOCK_M):
+            offs_i = i0 + tl.arange(0, BLOCK_M)
+            ival = offs_i < nval
+            dy_t = tl.load(
+                dy_base + offs_i[None, :] * s_yl + offs_p[:, None] * s_yp,
+                mask=ival[None, :] & pmask[:, None],
+                other=0.0,
+            ).to(OP)  # (P, I)
+            a_i = tl.load(dacs_base + offs_i, mask=offs_i < chunk_size, other=0.0)
+            causal = (offs_i[None, :] >= offs_j[:, None]) & ival[None, :]
+            decay = tl.exp(tl.where(causal, a_i[None, :] - a_j[:, None], float("-inf")))
+            scores = tl.dot(x_j, dy_t, input_precision=PREC) * decay  # (J, I)
+            c_i = tl.load(
+                c_base + offs_i[:, None] * s_cl + offs_n[None, :] * s_cn,
+                mask=ival[:, None] & nmask[None, :],
+                other=0.0,
+            ).to(OP)  # (I, N)
+            acc += tl.dot(scores.to(OP), c_i, input_precision=PREC)
 
-    dt_j = tl.load(dt_ptr + (bi * seqlen + t_j) * nheads + hi, mask=jval, other=0.0)
-    acc = acc * dt_j.to(tl.float32)[:, None]
+    dt_j = tl.load(dt_base + offs_j * s_dl, mask=jval, other=0.0).to(tl.float32)
+    acc = acc * dt_j[:, None]
     b_j = tl.load(
-        B_ptr + ((bi * seqlen + t_j[:, None]) * ngroups + gi) * dstate + offs_n[None, :],
+        b_base + offs_j[:, None] * s_bl + offs_n[None, :] * s_bn,
         mask=jval[:, None] & nmask[None, :],
         other=0.0,
     ).to(tl.float32)
+    db_base = db_ptr + ((bi * seqlen + t0) * nheads + hi) * dstate
     tl.store(
-        db_ptr + ((bi * seqlen + t_j[:, None]) * nheads + hi) * dstate + offs_n[None, :],
+        db_base + offs_j[:, None] * (nheads * dstate) + offs_n[None, :],
         acc,
         mask=jval[:, None] & nmask[None, :],
     )
@@ -628,39 +774,45 @@ def _chunk_scan_bwd_db(
 
 @triton.jit
 def _chunk_cumsum_bwd(
-    dt_ptr,  # (b, l, h)
+    dt_ptr,  # (b, l, h), strides s_db, s_dl, s_dh
     A_ptr,  # (h,)
     da_c_ptr,  # (b, h, c, L): dC . C
     da_b_ptr,  # (b, h, c, L): dB . B
     dalast_ptr,  # (b, h, c): <dS_{c+1}, S_{c+1}>
     ddt_direct_ptr,  # (b, h, c, L)
-    ddt_ptr,  # out (b, l, h) float32
+    ddt_ptr,  # out (b, l, h) float32, contiguous
     dA_ptr,  # out (b, h, c) float32: partial sums of dA
     seqlen,
     nheads,
     nchunks,
     chunk_size,
+    s_db,
+    s_dl,
+    s_dh,
     BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0)  # over (b, h, c)
     ci = pid % nchunks
-    bh = (pid // nchunks).to(tl.int64)
+    bh = pid // nchunks
     hi = bh % nheads
-    bi = bh // nheads
+    bi = (bh // nheads).to(tl.int64)
+    bh = bh.to(tl.int64)
+    t0 = ci * chunk_size
     offs = tl.arange(0, BLOCK_L)
-    t = ci * chunk_size + offs
     lmask = offs < chunk_size
-    valid = lmask & (t < seqlen)
+    valid = lmask & (offs < seqlen - t0)
+    t0 = t0.to(tl.int64)
     base = (bh * nchunks + ci) * chunk_size + offs
     da = tl.load(da_c_ptr + base, mask=lmask, other=0.0) - tl.load(
         da_b_ptr + base, mask=lmask, other=0.0
     )
     # d(dA_m) = sum_{k >= m} d a_k, plus the chunk-end term, which reaches every step.
     dda = tl.cumsum(da, axis=0, reverse=True) + tl.load(dalast_ptr + bh * nchunks + ci)
-    dt = tl.load(dt_ptr + (bi * seqlen + t) * nheads + hi, mask=valid, other=0.0).to(tl.float32)
+    dt_base = dt_ptr + bi * s_db + t0 * s_dl + hi * s_dh
+    dt = tl.load(dt_base + offs * s_dl, mask=valid, other=0.0).to(tl.float32)
     a = tl.load(A_ptr + hi).to(tl.float32)
     ddt = tl.load(ddt_direct_ptr + base, mask=lmask, other=0.0) + a * dda
-    tl.store(ddt_ptr + (bi * seqlen + t) * nheads + hi, ddt, mask=valid)
+    tl.store(ddt_ptr + (bi * seqlen + t0) * nheads + hi + offs * nheads, ddt, mask=valid)
     tl.store(dA_ptr + bh * nchunks + ci, tl.sum(tl.where(valid, dt * dda, 0.0), axis=0))
 
 
@@ -668,25 +820,27 @@ def _chunk_cumsum_bwd(
 # Launchers
 # --------------------------------------------------------------------------------------------
 
+#: Environment switch of the float32 matmul precision on GPU: ``tf32`` (default, tensor cores)
+#: or ``ieee`` (exact fp32 FMA, no tensor cores; the GPU tests set it to compare at 1e-5).
+FP32_PRECISION_ENV = "ILM_KERNELS_FP32_PRECISION"
+
+
+def fp32_precision() -> str:
+    """The float32 dot precision in force: ``"tf32"`` unless ``ILM_KERNELS_FP32_PRECISION``."""
+    value = os.environ.get(FP32_PRECISION_ENV, "tf32").strip().lower() or "tf32"
+    if value not in ("tf32", "ieee"):
+        raise ValueError(f"{FP32_PRECISION_ENV}={value!r}: choose 'tf32' or 'ieee'")
+    return value
+
 
 def _pow2(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(v))
 
 
 def _precision(*tensors: Tensor | None) -> str:
-    """IEEE float32 matmuls for float32 (or wider) inputs; TF32 for half-precision inputs."""
+    """Dot precision: :func:`fp32_precision` for float32 inputs; half precision ignores it."""
     wide = all(t is None or t.dtype in (torch.float32, torch.float64) for t in tensors)
-    return "ieee" if wide else "tf32"
-
-
-def _launch_opts(*tile: int) -> dict[str, int]:
-    """``num_warps`` for a kernel whose largest tile has ``prod(tile)`` fp32 elements (GPU)."""
-    if triton_interpreter():
-        return {}
-    size = 1
-    for t in tile:
-        size *= t
-    return {"num_warps": 8 if size >= 8192 else 4}
+    return fp32_precision() if wide else "tf32"
 
 
 def _block_m(chunk_size: int) -> int:
@@ -715,15 +869,35 @@ class _Dims:
         self.nchunks = triton.cdiv(self.seqlen, self.chunk_size)
         self.block_m = _block_m(self.chunk_size)
         self.block_l = _pow2(self.chunk_size)
-        self.block_p = _pow2(self.headdim)
         self.block_n = _pow2(self.dstate)
+        # Head-dim tile of the backward (a grid axis of dx, a contraction loop of dB/dC).
+        full_p = _pow2(self.headdim)
+        self.block_p = full_p if triton_interpreter() else min(full_p, 64)
+        self.scan_opts: dict[str, int] = {}  # _chunk_scan_fwd, _chunk_scan_bwd_dx
+        self.grad_opts: dict[str, int] = {}  # _chunk_scan_bwd_dc, _chunk_scan_bwd_db
+        if not triton_interpreter():
+            if self.block_n > 128:
+                # Whole-d_state tiles of C, B and the states fit registers and shared memory
+                # with 32 rows (fp32 at d_state 256 needs 241 KB at 64 rows; the limit is
+                # 227 KB, and the dB/dC accumulators spill at 64 rows).
+                self.block_m = min(self.block_m, 32)
+            # Pinned launch configurations of the chunk-scan kernels, chosen from their sm_90a
+            # build (tools/kernel_report.py, docs/kernels.md): no spills at d_state 128 and
+            # 256 in fp32, fp16 and bf16. Two pipeline stages for 16-bit inputs; 64-row fp32
+            # tiles are twice as large and spill with two, and so do the fp32 dB/dC kernels.
+            half = x.element_size() <= 2
+            warps = 8 if self.block_m * self.block_n >= 8192 else 4
+            self.scan_opts = {
+                "num_warps": warps,
+                "num_stages": 2 if half or self.block_m < 64 else 1,
+            }
+            self.grad_opts = {"num_warps": warps, "num_stages": 2 if half else 1}
 
     def common(self) -> tuple[int, ...]:
-        """(seqlen, nheads, ngroups, heads_per_group, headdim, dstate, nchunks, chunk_size)."""
+        """(seqlen, nheads, heads_per_group, headdim, dstate, nchunks, chunk_size)."""
         return (
             self.seqlen,
             self.nheads,
-            self.ngroups,
             self.heads_per_group,
             self.headdim,
             self.dstate,
@@ -767,14 +941,15 @@ def _states_fwd(
     f32 = torch.float32
     dacs = _empty(d.batch, d.nheads, d.nchunks, d.chunk_size, dtype=f32, device=dev)
     _chunk_cumsum_fwd[(d.batch * d.nheads * d.nchunks,)](
-        dt, A, dacs, d.seqlen, d.nheads, d.nchunks, d.chunk_size, BLOCK_L=d.block_l
-    )
+        dt, A, dacs, d.seqlen, d.nheads, d.nchunks, d.chunk_size, *dt.stride(),
+        BLOCK_L=d.block_l,
+    )  # fmt: skip
     shape = (d.batch, d.nchunks, d.nheads, d.headdim, d.dstate)
     cs = _empty(*shape, dtype=f32, device=dev)
-    bp, bn = min(d.block_p, 64), min(d.block_n, 64)
+    bp, bn = min(_pow2(d.headdim), 64), min(d.block_n, 64)
     grid = (d.batch * d.nchunks * d.nheads, triton.cdiv(d.headdim, bp), triton.cdiv(d.dstate, bn))
     _chunk_state[grid](
-        x, B, dt, dacs, cs, *d.common(),
+        x, B, dt, dacs, cs, *d.common(), *x.stride(), *B.stride(), *dt.stride(),
         MODE=0, PREC=prec, BLOCK_K=d.block_m, BLOCK_P=bp, BLOCK_N=bn,
     )  # fmt: skip
     states = cs  # overwritten in place: chunk c's own state is read before S_c is stored
@@ -789,7 +964,11 @@ def _states_fwd(
     return dacs, states, final
 
 
-def _contig(*tensors: Tensor | None) -> list[Tensor | None]:
+def _small(*tensors: Tensor | None) -> list[Tensor | None]:
+    """Contiguous copies of the small per-head tensors (A, D, initial states, dfinal).
+
+    x, dt, B, C and dy are read through their strides and never copied.
+    """
     return [None if t is None else t.contiguous() for t in tensors]
 
 
@@ -806,28 +985,28 @@ def ssd_triton_fwd(
     """Forward SSD scan with the Triton kernels; allocates only y, the final state, scratch.
 
     Args:
-        x: (b, l, h, p); dt: (b, l, h) positive; A: (h,); B, C: (b, l, g, n);
-        chunk_size: chunk length (clamped to l); D: (h,) or (h, p) or None;
-        initial_states: (b, h, p, n) or None.
+        x: (b, l, h, p); dt: (b, l, h) positive; A: (h,); B, C: (b, l, g, n) (any strides:
+        views of a larger tensor are read in place); chunk_size: chunk length (clamped to l);
+        D: (h,) or (h, p) or None; initial_states: (b, h, p, n) or None.
 
     Returns:
-        y (b, l, h, p) in ``x.dtype`` and final_states (b, h, p, n) in float32.
+        y (b, l, h, p) contiguous in ``x.dtype`` and final_states (b, h, p, n) in float32.
     """
     _check_shapes(x, dt, A, B, C, D, initial_states)
-    x, dt, A, B, C, D, initial_states = _contig(x, dt, A, B, C, D, initial_states)
+    A, D, initial_states = _small(A, D, initial_states)
     dims = _Dims(x, B, chunk_size)
     prec = _precision(x, dt, B, C)
     dacs, states, final = _states_fwd(dims, x, dt, A, B, initial_states, prec)
     d = dims
     y = _empty(*x.shape, dtype=x.dtype, device=x.device)
-    bp = min(d.block_p, 64)
+    bp = min(_pow2(d.headdim), 64)
     grid = (d.batch * d.nchunks * d.nheads, triton.cdiv(d.chunk_size, d.block_m),
             triton.cdiv(d.headdim, bp))  # fmt: skip
     _chunk_scan_fwd[grid](
         x, dt, dacs, B, C, states, x if D is None else D, y, *d.common(),
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
         HAS_D=D is not None, D_HAS_P=D is not None and D.dim() == 2, PREC=prec,
-        BLOCK_M=d.block_m, BLOCK_P=bp, BLOCK_N=d.block_n,
-        **_launch_opts(d.block_m, d.block_n),
+        BLOCK_M=d.block_m, BLOCK_P=bp, BLOCK_N=d.block_n, **d.scan_opts,
     )  # fmt: skip
     return y, final
 
@@ -847,16 +1026,15 @@ def ssd_triton_bwd(
     """Backward SSD scan; recomputes the forward's chunk states instead of saving them.
 
     Args:
-        dy: (b, l, h, p) gradient of y; dfinal: (b, h, p, n) gradient of the final state or
-        None; the other arguments as in :func:`ssd_triton_fwd`.
+        dy: (b, l, h, p) gradient of y (any strides); dfinal: (b, h, p, n) gradient of the
+        final state or None; the other arguments as in :func:`ssd_triton_fwd`.
 
     Returns:
         dx (b, l, h, p), ddt (b, l, h), dA (h,), dB (b, l, g, n), dC (b, l, g, n),
         dD (shape of D, or None), d_initial_states ((b, h, p, n), or None), each in the dtype
         of its input.
     """
-    x, dt, A, B, C, D, initial_states = _contig(x, dt, A, B, C, D, initial_states)
-    dy, dfinal = _contig(dy, dfinal)
+    A, D, initial_states, dfinal = _small(A, D, initial_states, dfinal)
     dims = _Dims(x, B, chunk_size)
     d, dev, f32 = dims, x.device, torch.float32
     prec = _precision(x, dt, B, C, dy)
@@ -866,10 +1044,10 @@ def ssd_triton_bwd(
 
     # 5. Gradient of the chunk-entry states from y, then reverse state passing.
     dsl = _empty(*shape, dtype=f32, device=dev)
-    bp, bn = min(d.block_p, 64), min(d.block_n, 64)
+    bp, bn = min(_pow2(d.headdim), 64), min(d.block_n, 64)
     grid = (bch, triton.cdiv(d.headdim, bp), triton.cdiv(d.dstate, bn))
     _chunk_state[grid](
-        dy, C, dt, dacs, dsl, *d.common(),
+        dy, C, dt, dacs, dsl, *d.common(), *dy.stride(), *C.stride(), *dt.stride(),
         MODE=1, PREC=prec, BLOCK_K=d.block_m, BLOCK_P=bp, BLOCK_N=bn,
     )  # fmt: skip
     dcs = dsl  # overwritten in place, like the forward states
@@ -886,32 +1064,37 @@ def ssd_triton_bwd(
 
     # 6-7. dx and ddt (direct), dC and dB per head with their d(dA_cumsum) parts.
     nm = triton.cdiv(d.chunk_size, d.block_m)
+    n_p = triton.cdiv(d.headdim, d.block_p)
     blocks = {"BLOCK_M": d.block_m, "BLOCK_P": d.block_p, "BLOCK_N": d.block_n}
-    blocks.update(_launch_opts(d.block_m, d.block_n))
+    strides = (*x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride())
     dx = _empty(*x.shape, dtype=x.dtype, device=dev)
-    ddt_direct = _empty(*dacs.shape, dtype=f32, device=dev)
-    _chunk_scan_bwd_dx[(bch, nm)](
-        x, dt, dacs, B, C, dcs, x if D is None else D, dy, dx, ddt_direct, *d.common(),
+    ddt_parts = _empty(n_p, *dacs.shape, dtype=f32, device=dev)
+    _chunk_scan_bwd_dx[(bch, nm, n_p)](
+        x, dt, dacs, B, C, dcs, x if D is None else D, dy, dx, ddt_parts, *d.common(), *strides,
         HAS_D=D is not None, D_HAS_P=D is not None and D.dim() == 2, PREC=prec, **blocks,
+        **d.scan_opts,
     )  # fmt: skip
+    ddt_direct = ddt_parts[0] if n_p == 1 else ddt_parts.sum(0)
     hshape = (d.batch, d.seqlen, d.nheads, d.dstate)
     dC_h = _empty(*hshape, dtype=f32, device=dev)
     da_c = _empty(*dacs.shape, dtype=f32, device=dev)
     _chunk_scan_bwd_dc[(bch, nm)](
-        x, dt, dacs, B, C, states, dy, dC_h, da_c, *d.common(), PREC=prec, **blocks
-    )
+        x, dt, dacs, B, C, states, dy, dC_h, da_c, *d.common(), *strides, PREC=prec, **blocks,
+        **d.grad_opts,
+    )  # fmt: skip
     dB_h = _empty(*hshape, dtype=f32, device=dev)
     da_b = _empty(*dacs.shape, dtype=f32, device=dev)
     _chunk_scan_bwd_db[(bch, nm)](
-        x, dt, dacs, B, C, dcs, dy, dB_h, da_b, *d.common(), PREC=prec, **blocks
-    )
+        x, dt, dacs, B, C, dcs, dy, dB_h, da_b, *d.common(), *strides, PREC=prec, **blocks,
+        **d.grad_opts,
+    )  # fmt: skip
 
     # 8. Reverse cumsum of d(dA_cumsum) -> ddt, dA.
     ddt = _empty(d.batch, d.seqlen, d.nheads, dtype=f32, device=dev)
     dA_part = _empty(d.batch, d.nheads, d.nchunks, dtype=f32, device=dev)
     _chunk_cumsum_bwd[(d.batch * d.nheads * d.nchunks,)](
         dt, A, da_c, da_b, dalast.sum(-1).contiguous(), ddt_direct, ddt, dA_part,
-        d.seqlen, d.nheads, d.nchunks, d.chunk_size, BLOCK_L=d.block_l,
+        d.seqlen, d.nheads, d.nchunks, d.chunk_size, *dt.stride(), BLOCK_L=d.block_l,
     )  # fmt: skip
 
     # Small reductions in PyTorch: groups, dA partials, dD.

@@ -286,3 +286,49 @@ def test_poison_hook_fills_nan() -> None:
     from ilm_kernels.ssd_triton import _empty
 
     assert torch.isnan(_empty(3, 2, dtype=torch.float32, device=torch.device(DEVICE))).all()
+
+
+def test_strided_views_read_in_place() -> None:
+    """x, B, C as views of one (b, l, h*p + 2*g*n) tensor (the model's conv output) and dt as a
+    column slice: the same values and gradients as contiguous copies, with no copy made."""
+    b, seqlen, h, p, g, n = 2, 21, 2, 4, 1, 8
+    inputs = make_inputs(b, seqlen, h, p, g, n, "h", True)
+    gen = torch.Generator().manual_seed(3)
+    packed = torch.randn(b, seqlen, h * p + 2 * g * n, generator=gen).to(DEVICE).requires_grad_()
+    dt_wide = torch.rand(b, seqlen, h + 3, generator=gen).to(DEVICE).add(0.1).requires_grad_()
+    gy = torch.randn(b, seqlen, h, p, generator=gen).to(DEVICE)
+
+    def views(src, dts):
+        x, B, C = torch.split(src, [h * p, g * n, g * n], dim=-1)
+        return x.view(b, seqlen, h, p), dts[..., 1 : h + 1], B.view(b, seqlen, g, n), C.view(
+            b, seqlen, g, n
+        )
+
+    A, D = inputs["A"].float().to(DEVICE), inputs["D"].float().to(DEVICE)
+    outs = []
+    for contiguous in (False, True):
+        src, dts = packed.detach().clone().requires_grad_(), dt_wide.detach().clone()
+        dts.requires_grad_()
+        x, dt, B, C = views(src, dts)
+        if contiguous:
+            x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
+        else:
+            assert not x.is_contiguous() and not B.is_contiguous() and not dt.is_contiguous()
+        y, final = ssd_scan(x, dt, A, B, C, 8, D=D, return_final_states=True, backend="triton")
+        ((y * gy).sum() + final.square().sum()).backward()
+        outs.append((y, final, src.grad, dts.grad))
+    for got, want in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fp32_precision_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ilm_kernels.ssd_triton import FP32_PRECISION_ENV, _precision, fp32_precision
+
+    f32 = torch.zeros(1)
+    monkeypatch.delenv(FP32_PRECISION_ENV, raising=False)
+    assert fp32_precision() == "tf32" and _precision(f32, None) == "tf32"
+    monkeypatch.setenv(FP32_PRECISION_ENV, "ieee")
+    assert _precision(f32) == "ieee" and _precision(f32, f32.half()) == "tf32"
+    monkeypatch.setenv(FP32_PRECISION_ENV, "fp64")
+    with pytest.raises(ValueError, match="ILM_KERNELS_FP32_PRECISION='fp64'"):
+        fp32_precision()
