@@ -300,8 +300,11 @@ def test_strided_views_read_in_place() -> None:
 
     def views(src, dts):
         x, B, C = torch.split(src, [h * p, g * n, g * n], dim=-1)
-        return x.view(b, seqlen, h, p), dts[..., 1 : h + 1], B.view(b, seqlen, g, n), C.view(
-            b, seqlen, g, n
+        return (
+            x.view(b, seqlen, h, p),
+            dts[..., 1 : h + 1],
+            B.view(b, seqlen, g, n),
+            C.view(b, seqlen, g, n),
         )
 
     A, D = inputs["A"].float().to(DEVICE), inputs["D"].float().to(DEVICE)
