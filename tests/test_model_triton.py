@@ -19,15 +19,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 OVERRIDES = ("model.n_layers=1", "solver.f_max_iter=5", "solver.phantom_steps=2")
+# Compiled kernels need CUDA tensors; the interpreter runs them on CPU tensors.
+DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreter() else "cpu"
 
 
 def _pair():
     cfg = tiny_config("mamba2", overrides=OVERRIDES)
     torch.manual_seed(0)
-    ref = build_model(cfg.model, cfg.solver)
+    ref = build_model(dataclasses.replace(cfg.model, kernel_backend="reference"), cfg.solver)
     tri = build_model(dataclasses.replace(cfg.model, kernel_backend="triton"), cfg.solver)
     tri.load_state_dict(ref.state_dict())
-    return ref, tri, cfg
+    return ref.to(DEVICE), tri.to(DEVICE), cfg
 
 
 def _rel(a, b):
@@ -36,7 +38,7 @@ def _rel(a, b):
 
 def test_forward_matches_reference():
     ref, tri, cfg = _pair()
-    ids = torch.randint(0, cfg.model.vocab_size, (2, 11))
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 11), device=DEVICE)
     ref.eval()
     tri.eval()
     a, b = tri(ids), ref(ids)
@@ -49,7 +51,7 @@ def test_phantom_gradients_match_reference(impl):
     """The phantom backward through the Triton backward kernels equals autograd through the
     PyTorch reference to 1e-5 (fp32)."""
     ref, tri, cfg = _pair()
-    ids = torch.randint(0, cfg.model.vocab_size, (2, 11))
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 11), device=DEVICE)
     grads = []
     for model in (ref, tri):
         model.train()
@@ -63,7 +65,7 @@ def test_phantom_gradients_match_reference(impl):
 
 def test_sequential_decoding_matches_reference():
     ref, tri, cfg = _pair()
-    ids = torch.randint(0, cfg.model.vocab_size, (1, 6))
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 6), device=DEVICE)
     a = tri.eval().forward_sequential(ids, max_iter=5)
     b = ref.eval().forward_sequential(ids, max_iter=5)
     assert _rel(a.logits, b.logits) < 1e-4

@@ -108,10 +108,31 @@ class Timer:
         return statistics.median(times)
 
 
+def strided_views(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The same values as the model passes them: x, B, C views of one packed (b, l, h*p + 2*g*n)
+    tensor (the conv output) and dt a column slice of a wider tensor."""
+    import torch
+
+    x, B, C, dt = inputs["x"], inputs["B"], inputs["C"], inputs["dt"]
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    packed = torch.cat([x.reshape(b, l, h * p), B.reshape(b, l, g * n), C.reshape(b, l, g * n)], -1)
+    xv, Bv, Cv = torch.split(packed, [h * p, g * n, g * n], dim=-1)
+    wide = torch.cat([dt, dt[..., :1]], dim=-1)
+    return {
+        **inputs,
+        "x": xv.view(b, l, h, p),
+        "B": Bv.view(b, l, g, n),
+        "C": Cv.view(b, l, g, n),
+        "dt": wide[..., :h],
+    }
+
+
 def bench_backend(
     backend: str, inputs: dict[str, Any], chunk_size: int, timer: Timer
 ) -> dict[str, float]:
-    """fwd_ms (no autograd) and fwd_bwd_ms of ``ssd_scan`` on one backend."""
+    """fwd_ms (no autograd), grad_fwd_ms (forward that saves for backward), fwd_bwd_ms, and on
+    CUDA peak_fwd_bwd_mib (allocated above the inputs) of ``ssd_scan`` on one backend."""
     import torch
 
     from ilm_kernels.ssd_scan import ssd_scan
@@ -128,11 +149,48 @@ def bench_backend(
     grad_D = D.detach().clone().requires_grad_()
     dy = torch.randn_like(inputs["x"])
 
+    def grad_fwd() -> None:
+        ssd_scan(*grad_args, chunk_size, D=grad_D, backend=backend)
+
     def fwd_bwd() -> None:
         y = ssd_scan(*grad_args, chunk_size, D=grad_D, backend=backend)
         y.backward(dy)
 
-    return {"fwd_ms": timer(fwd), "fwd_bwd_ms": timer(fwd_bwd)}
+    out = {"fwd_ms": timer(fwd), "grad_fwd_ms": timer(grad_fwd), "fwd_bwd_ms": timer(fwd_bwd)}
+    if torch.cuda.is_available() and inputs["x"].is_cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        out["peak_fwd_bwd_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return out
+
+
+def grad_errors(
+    inputs: dict[str, Any], chunk_size: int, backend: str, ref: str
+) -> dict[str, float]:
+    """max |a - r| / max |r| of y and of every input gradient, ``backend`` against ``ref`` (the
+    reference runs in float32 on the same rounded inputs)."""
+    import torch
+
+    from ilm_kernels.ssd_scan import ssd_scan
+
+    names = ("x", "dt", "A", "B", "C", "D")
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    dy = torch.randn(inputs["x"].shape, generator=gen).to(inputs["x"].device)
+    results = []
+    for which in (backend, ref):
+        cast = torch.float32 if which == "reference" else None
+        t = {k: inputs[k].detach().to(cast or inputs[k].dtype).requires_grad_() for k in names}
+        y = ssd_scan(*(t[k] for k in names[:5]), chunk_size, D=t["D"], backend=which)
+        y.float().backward(dy.to(y.dtype).float())
+        results.append({"y": y.detach(), **{f"d{k}": t[k].grad for k in names}})
+    errs = {}
+    for key, r in results[1].items():
+        a = results[0][key].float()
+        errs[key] = ((a - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30)).item()
+    return errs
 
 
 def max_rel_err(inputs: dict[str, Any], chunk_size: int) -> float:
@@ -172,12 +230,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = make_inputs(args, device, dtype)
     timer = Timer(cuda, args.repeats, args.warmup)
 
+    from ilm_kernels.backend import has_module
+
     results: dict[str, Any] = {}
+    failed: list[str] = []
     for backend in backends:
+        if backend == "mamba_ssm" and not has_module("mamba_ssm"):
+            results[backend] = {"skipped": "mamba-ssm is not installed"}
+            continue
         try:
             results[backend] = bench_backend(backend, inputs, args.chunk_size, timer)
-        except Exception as exc:  # noqa: BLE001 - report and go on with the other backends
+        except Exception as exc:  # noqa: BLE001 - report, go on, and fail at the end
             results[backend] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed.append(backend)
+    if "triton" in backends and "triton" not in failed:
+        try:
+            results["triton_strided"] = bench_backend(
+                "triton", strided_views(inputs), args.chunk_size, timer
+            )
+        except Exception as exc:  # noqa: BLE001
+            results["triton_strided"] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed.append("triton_strided")
     ratios: dict[str, float] = {}
     tri = results.get("triton", {})
     for other in ("reference", "mamba_ssm"):
@@ -185,9 +258,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key in ("fwd_ms", "fwd_bwd_ms"):
             if key in tri and key in o:
                 ratios[f"{other}_over_triton_{key[:-3]}"] = o[key] / tri[key]
+    if "fwd_ms" in tri:
+        ratios["triton_grad_fwd_over_nograd_fwd"] = tri["grad_fwd_ms"] / tri["fwd_ms"]
     err = None
-    if "triton" in backends and "reference" in backends and "error" not in tri:
+    grads: dict[str, Any] = {}
+    if "triton" in backends and "reference" in backends and "triton" not in failed:
         err = max_rel_err(inputs, args.chunk_size)
+        grads["triton_vs_reference"] = grad_errors(inputs, args.chunk_size, "triton", "reference")
+        if "fwd_ms" in results.get("mamba_ssm", {}):
+            grads["triton_vs_mamba_ssm"] = grad_errors(
+                inputs, args.chunk_size, "triton", "mamba_ssm"
+            )
+            grads["mamba_ssm_vs_reference"] = grad_errors(
+                inputs, args.chunk_size, "mamba_ssm", "reference"
+            )
+    tol = 1e-4 if args.dtype == "float32" else 5e-2
+    worst = max(grads.get("triton_vs_reference", {}).values(), default=0.0)
+    if err is not None and max(err, worst) > tol:
+        failed.append(f"triton vs reference error {max(err, worst):.3g} > {tol}")
 
     info = machine_info()
     if cuda:
@@ -226,18 +314,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": results,
         "speedups": ratios,
         "triton_vs_reference_max_rel_err_y": err,
+        "grad_rel_err": grads,
+        "failed": failed,
         "machine": info,
     }
     text = dump_json(report)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+        tmp = Path(args.output + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.output)
     if args.json:
         print(text)
     else:
         for backend, res in results.items():
             print(f"{backend:10s} {res}")
         print(f"speedups {ratios}; triton vs reference max rel err {err}")
+    if failed:
+        print(f"{PROG}: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
