@@ -13,8 +13,11 @@ Importing this module never imports triton, CUDA libraries or mamba-ssm.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import warnings
+from typing import Any
 
 import torch
 
@@ -31,7 +34,44 @@ def triton_interpreter() -> bool:
 
 
 def has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    """True when the top-level package of ``name`` is installed (nothing is imported)."""
+    return importlib.util.find_spec(name.split(".")[0]) is not None
+
+
+_OPTIONAL: dict[tuple[str, str | None], Any] = {}
+
+
+def optional_import(module: str, attr: str | None = None) -> Any | None:
+    """Import an optional GPU package once; the module (or its ``attr``), or None.
+
+    None when the package is not installed, or when it is installed but fails to import (an
+    ABI-broken CUDA extension raises ImportError, OSError or RuntimeError at import): that case
+    warns once with the reason, and callers fall back to ilm_kernels' own kernels.
+    """
+    key = (module, attr)
+    if key in _OPTIONAL:
+        return _OPTIONAL[key]
+    obj = None
+    if has_module(module):
+        try:
+            obj = importlib.import_module(module)
+            if attr is not None:
+                obj = getattr(obj, attr)
+        except Exception as exc:  # noqa: BLE001 - any import-time failure means "unusable"
+            warnings.warn(
+                f"{module}{'.' + attr if attr else ''} is installed but unusable "
+                f"({type(exc).__name__}: {exc}); using ilm_kernels' own kernels instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            obj = None
+    _OPTIONAL[key] = obj
+    return obj
+
+
+def optional_failure(module: str, attr: str | None = None) -> str:
+    """Why :func:`optional_import` returned None: "not installed" or "failed to import"."""
+    return "is not installed" if not has_module(module) else "failed to import (see the warning)"
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:

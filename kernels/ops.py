@@ -8,20 +8,27 @@ Each op takes ``backend`` (see :mod:`ilm_kernels.backend`):
 * ``"reference"`` -- the PyTorch references of :mod:`ilm_kernels.conv1d`, ``.norm``, ``.ssd``.
 * ``"triton"`` -- our Triton kernels (CPU tensors only under ``TRITON_INTERPRET=1``).
 * ``"mamba_ssm"`` -- the mamba-ssm stack where it has the op (conv1d via its ``causal_conv1d``
-  dependency, gated RMS norm); step ops raise :class:`BackendUnavailableError`.
+  dependency, gated RMS norm, and for decoding ``causal_conv1d_update`` and
+  ``selective_state_update``; a step op whose package kernel is missing runs ours, warning).
+
+Optional packages are imported once (:func:`ilm_kernels.backend.optional_import`): one that is
+installed but fails to import (an ABI-broken CUDA extension) warns and "auto" falls back to our
+kernels. "auto" uses ``causal_conv1d`` only for input it accepts
+(:func:`conv1d_package_refuses`: widths 2 to 4, channels a multiple of 8).
 
 Importing this module imports neither triton nor any CUDA package: they load on first use.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import BackendUnavailableError, has_module, resolve_backend
+from .backend import BackendUnavailableError, optional_failure, optional_import, resolve_backend
 from .conv1d import causal_conv1d_reference, causal_conv1d_step
 from .norm import gated_rms_norm, rms_norm
 from .ssd import ssd_step
@@ -93,11 +100,31 @@ def causal_conv1d(
     """
     _check_activation(activation)
     resolved = _backend(backend, x, weight, bias, initial_window)
-    use_package = backend == "auto" and resolved == "triton" and prefer_package and x.is_cuda
-    if resolved == "mamba_ssm" or (use_package and has_module("causal_conv1d")):
+    if resolved == "mamba_ssm":
+        fn = optional_import("causal_conv1d", "causal_conv1d_fn")
+        if fn is None:
+            raise BackendUnavailableError(
+                f"the causal_conv1d package {optional_failure('causal_conv1d')} "
+                "(pip install causal-conv1d)"
+            )
+        refused = conv1d_package_refuses(x, weight)
+        if refused:
+            raise BackendUnavailableError(
+                f"the causal_conv1d package refuses this input: {refused}"
+            )
         return _causal_conv1d_package(
-            x, weight, bias, initial_window, return_final_window, activation
+            fn, x, weight, bias, initial_window, return_final_window, activation
         )
+    if backend == "auto" and resolved == "triton" and prefer_package:
+        fn = (
+            None
+            if conv1d_package_refuses(x, weight)
+            else optional_import("causal_conv1d", "causal_conv1d_fn")
+        )
+        if fn is not None:
+            return _causal_conv1d_package(
+                fn, x, weight, bias, initial_window, return_final_window, activation
+            )
     if resolved == "reference":
         out = causal_conv1d_reference(x, weight, bias, initial_window, return_final_window)
         if activation is None:
@@ -118,7 +145,26 @@ def causal_conv1d(
     return y, _final_window(x, initial_window, weight.shape[1])
 
 
+def conv1d_package_refuses(x: Tensor, weight: Tensor) -> str | None:
+    """Why the ``causal_conv1d`` package cannot take this input, or None when it can.
+
+    It runs CUDA tensors in fp16/bf16/fp32 with filter widths 2 to 4, and its channels-last
+    path (our (b, l, c) layout) needs the channel count to be a multiple of 8.
+    """
+    channels, width = weight.shape
+    if not 2 <= width <= 4:
+        return f"filter width {width} (it supports 2 to 4)"
+    if channels % 8:
+        return f"{channels} channels (its channels-last path needs a multiple of 8)"
+    if x.dtype not in _TRITON_DTYPES:
+        return f"dtype {x.dtype}"
+    if not x.is_cuda:
+        return "it runs on CUDA tensors only"
+    return None
+
+
 def _causal_conv1d_package(
+    causal_conv1d_fn: Any,
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -131,14 +177,6 @@ def _causal_conv1d_package(
     It takes x as (b, c, l) with stride(1) == 1 and initial states as (b, c, w-1) with
     stride(1) == 1, which are transposed views of contiguous (b, l, c) / (b, w-1, c) tensors.
     """
-    if not has_module("causal_conv1d"):
-        raise BackendUnavailableError(
-            "the causal_conv1d package is not installed (pip install causal-conv1d)"
-        )
-    if not x.is_cuda:
-        raise BackendUnavailableError("the causal_conv1d package runs on CUDA tensors only")
-    from causal_conv1d import causal_conv1d_fn
-
     x_cl = x.contiguous().transpose(1, 2)  # (b, c, l), channels-last memory
     init = None
     if initial_window is not None:
@@ -184,8 +222,10 @@ def gated_rms_norm_op(
     if resolved == "reference":
         return gated_rms_norm(x, gate, weight, eps, group_size)
     if resolved == "mamba_ssm":
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-
+        module = "mamba_ssm.ops.triton.layernorm_gated"
+        rmsnorm_fn = optional_import(module, "rmsnorm_fn")
+        if rmsnorm_fn is None:
+            raise BackendUnavailableError(f"mamba_ssm's gated RMS norm {optional_failure(module)}")
         return rmsnorm_fn(
             x, weight, None, z=gate, eps=eps, group_size=group_size, norm_before_gate=False
         )
@@ -225,16 +265,57 @@ def _rms_triton(
 
 def _step_backend(backend: str, name: str, *tensors: Tensor | None) -> str:
     resolved = _backend(backend, *tensors)
-    if resolved == "mamba_ssm":
-        raise BackendUnavailableError(
-            f"{name}: no mamba_ssm implementation is wired in; use backend 'triton' or 'auto'"
-        )
-    if resolved == "triton" and _needs_grad(*tensors):
+    if resolved in ("triton", "mamba_ssm") and _needs_grad(*tensors):
         raise RuntimeError(
-            f"{name}: the Triton step kernel has no autograd; call it under torch.no_grad() "
+            f"{name}: the {resolved} step kernel has no autograd; call it under torch.no_grad() "
             "or use backend='reference'"
         )
     return resolved
+
+
+def _package_step(module: str, attr: str, name: str) -> Any | None:
+    """mamba-ssm's (or causal_conv1d's) decoding kernel, or None with a warning: ours run."""
+    fn = optional_import(module, attr)
+    if fn is None:
+        warnings.warn(
+            f"{name}: backend 'mamba_ssm' wants {module}.{attr}, which {optional_failure(module)};"
+            " running ilm_kernels' Triton step kernel instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return fn
+
+
+def _conv1d_step_package(
+    update: Any, window: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, act: str | None
+) -> tuple[Tensor, Tensor]:
+    """``causal_conv1d_update(x (b, c), conv_state (b, c, w-1), ...)`` updates the state in
+    place and returns y (b, c); ours leaves ``window`` alone, so it works on a copy."""
+    new_window = window.clone()
+    y = update(x, new_window, weight, bias, activation=act)
+    return y, new_window
+
+
+def _ssd_step_package(
+    update: Any,
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """mamba-ssm's ``selective_state_update(state (b, h, p, n), x (b, h, p), dt (b, h, p),
+    A (h, p, n), B (b, g, n), C (b, g, n), D (h, p))``, which updates ``state`` in place: on a
+    copy, with our per-head dt, A and D broadcast to its per-channel layout (as Mamba2 does)."""
+    b, h, p, n = state.shape
+    new_state = state.clone()
+    dt_e = dt[:, :, None].expand(b, h, p)
+    A_e = A[:, None, None].expand(h, p, n)
+    D_e = None if D is None else (D[:, None].expand(h, p) if D.dim() == 1 else D)
+    y = update(new_state, x, dt_e, A_e, B, C, D=D_e)
+    return y, new_state
 
 
 def causal_conv1d_step_op(
@@ -260,6 +341,10 @@ def causal_conv1d_step_op(
     if resolved == "reference":
         y, new_window = causal_conv1d_step(window, x, weight, bias)
         return (y if activation is None else F.silu(y)), new_window
+    if resolved == "mamba_ssm" and not conv1d_package_refuses(x[:, None, :], weight):
+        update = _package_step("causal_conv1d", "causal_conv1d_update", "causal_conv1d_step_op")
+        if update is not None:
+            return _conv1d_step_package(update, window, x, weight, bias, activation)
     from .step_triton import conv1d_step_triton
 
     return conv1d_step_triton(window, x, weight, bias, activation)
@@ -289,6 +374,11 @@ def ssd_step_op(
     resolved = _step_backend(backend, "ssd_step_op", *tensors)
     if resolved == "reference":
         return ssd_step(state, x, dt, A, B, C, D)
+    if resolved == "mamba_ssm":
+        module = "mamba_ssm.ops.triton.selective_state_update"
+        update = _package_step(module, "selective_state_update", "ssd_step_op")
+        if update is not None:
+            return _ssd_step_package(update, state, x, dt, A, B, C, D)
     from .step_triton import ssd_step_triton
 
     return ssd_step_triton(state, x, dt, A, B, C, D)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
-from ilm_kernels.backend import has_module
+from ilm_kernels.backend import optional_import
 from ilm_megatron.config import ModelConfig
 from ilm_megatron.models.cache import KVCache
 from ilm_megatron.models.layers import apply_rope, rope_cos_sin
@@ -29,19 +29,24 @@ def causal_attention(
 ) -> torch.Tensor:
     """Causal attention, q/k/v (b, a, l, e) -> (b, a, l, e).
 
-    flash-attn on CUDA half-precision tensors when it is installed and ``kernel_backend`` is
-    "auto" or "triton"; PyTorch's scaled_dot_product_attention everywhere else.
+    flash-attn on CUDA half-precision tensors (head dim <= 256, a multiple of 8) when it is
+    installed and imports, and ``kernel_backend`` is "auto" or "triton"; PyTorch's
+    scaled_dot_product_attention everywhere else.
     """
     if (
         kernel_backend in ("auto", "triton")
         and q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
-        and has_module("flash_attn")
+        and q.shape[-1] <= 256
+        and q.shape[-1] % 8 == 0
     ):
-        from flash_attn import flash_attn_func  # GPU-only dependency, imported lazily
-
-        o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return o.transpose(1, 2)
+        # GPU-only dependency, imported once; an installed but broken build warns and falls back.
+        flash_attn_func = optional_import("flash_attn", "flash_attn_func")
+        if flash_attn_func is not None:
+            o = flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True
+            )
+            return o.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
