@@ -50,33 +50,46 @@ def _blocks(seqlen: int, channels: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _base(b, stride_b, pos0, stride_l, col0, stride_c):
+    """``b * stride_b + pos0 * stride_l + col0 * stride_c`` in int64: the scalar base offset of
+    a tile (a tensor may pass 2**31 elements; the offsets inside a tile stay int32)."""
+    i64 = tl.int64
+    return (
+        tl.cast(b, i64) * stride_b + tl.cast(pos0, i64) * stride_l + tl.cast(col0, i64) * stride_c
+    )
+
+
+@triton.jit
 def _load_xfull(
-    x_ptr,
-    win_ptr,
-    b,
+    x_base,
+    win_base,
     pos,
-    cols,
+    rel,
+    rc,
+    cmask,
     seqlen,
-    channels,
-    stride_xb,
     stride_xl,
     stride_xc,
-    stride_wb,
     stride_wc,
     stride_wk,
     WIDTH: tl.constexpr,
     HAS_WIN: tl.constexpr,
 ):
-    """xfull[b, pos, cols] as float32, (BLOCK_L, BLOCK_C); pos < 0 reads the window."""
-    cmask = (cols < channels)[None, :]
+    """xfull[b, pos, cols] as float32, (BLOCK_L, BLOCK_C); pos < 0 reads the window.
+
+    ``x_base`` points at x[b, pos0, col0] and ``win_base`` at window[b, col0, 0]; ``pos`` are
+    the absolute positions, ``rel = pos - pos0`` and ``rc`` the columns relative to col0.
+    """
     in_x = (pos >= 0) & (pos < seqlen)
-    x_off = b * stride_xb + pos[:, None] * stride_xl + cols[None, :] * stride_xc
-    val = tl.load(x_ptr + x_off, mask=in_x[:, None] & cmask, other=0.0).to(tl.float32)
+    x_off = rel[:, None] * stride_xl + rc[None, :] * stride_xc
+    val = tl.load(x_base + x_off, mask=in_x[:, None] & cmask[None, :], other=0.0).to(tl.float32)
     if HAS_WIN:
         in_w = (pos < 0) & (pos >= -(WIDTH - 1))
         k = pos + (WIDTH - 1)
-        w_off = b * stride_wb + cols[None, :] * stride_wc + k[:, None] * stride_wk
-        val += tl.load(win_ptr + w_off, mask=in_w[:, None] & cmask, other=0.0).to(tl.float32)
+        w_off = rc[None, :] * stride_wc + k[:, None] * stride_wk
+        val += tl.load(win_base + w_off, mask=in_w[:, None] & cmask[None, :], other=0.0).to(
+            tl.float32
+        )
     return val
 
 
@@ -117,10 +130,16 @@ def _conv_fwd_kernel(
     Grid: (b, cdiv(l, BLOCK_L), cdiv(c, BLOCK_C)).
     """
     b = tl.program_id(0)
-    pos = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pos0 = tl.program_id(1) * BLOCK_L
+    col0 = tl.program_id(2) * BLOCK_C
+    rel = tl.arange(0, BLOCK_L)
+    rc = tl.arange(0, BLOCK_C)
+    pos = pos0 + rel
+    cols = col0 + rc
     cmask = cols < channels
     mask = (pos < seqlen)[:, None] & cmask[None, :]
+    x_base = x_ptr + _base(b, stride_xb, pos0, stride_xl, col0, stride_xc)
+    win_base = win_ptr + b.to(tl.int64) * stride_wb + col0.to(tl.int64) * stride_wc
 
     # 1. z = bias + sum_j weight[:, j] * xfull[t - (w-1) + j]   (BLOCK_L, BLOCK_C) float32
     z = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
@@ -128,29 +147,18 @@ def _conv_fwd_kernel(
         z += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(WIDTH):
         wj = tl.load(w_ptr + cols * stride_weight_c + j * stride_weight_k, mask=cmask, other=0.0)
+        shift = j - (WIDTH - 1)
         xv = _load_xfull(
-            x_ptr,
-            win_ptr,
-            b,
-            pos - (WIDTH - 1) + j,
-            cols,
-            seqlen,
-            channels,
-            stride_xb,
-            stride_xl,
-            stride_xc,
-            stride_wb,
-            stride_wc,
-            stride_wk,
-            WIDTH,
-            HAS_WIN,
-        )
+            x_base, win_base, pos + shift, rel + shift, rc, cmask, seqlen,
+            stride_xl, stride_xc, stride_wc, stride_wk, WIDTH, HAS_WIN,
+        )  # fmt: skip
         z += wj.to(tl.float32)[None, :] * xv
 
     # 2. Activation, or its derivative times the incoming gradient.
     if GRAD_Z:
-        dy_off = b * stride_dyb + pos[:, None] * stride_dyl + cols[None, :] * stride_dyc
-        out = tl.load(dy_ptr + dy_off, mask=mask, other=0.0).to(tl.float32)
+        dy_base = dy_ptr + _base(b, stride_dyb, pos0, stride_dyl, col0, stride_dyc)
+        dy_off = rel[:, None] * stride_dyl + rc[None, :] * stride_dyc
+        out = tl.load(dy_base + dy_off, mask=mask, other=0.0).to(tl.float32)
         if SILU:
             sig = tl.sigmoid(z)
             out = out * sig * (1.0 + z * (1.0 - sig))
@@ -158,8 +166,9 @@ def _conv_fwd_kernel(
         out = z
         if SILU:
             out = z * tl.sigmoid(z)
-    o_off = b * stride_ob + pos[:, None] * stride_ol + cols[None, :] * stride_oc
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=mask)
+    o_base = out_ptr + _base(b, stride_ob, pos0, stride_ol, col0, stride_oc)
+    o_off = rel[:, None] * stride_ol + rc[None, :] * stride_oc
+    tl.store(o_base + o_off, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -209,57 +218,54 @@ def _conv_bwd_kernel(
     b = tl.program_id(0)
     blk = tl.program_id(1)
     nblk = tl.num_programs(1)
-    s = blk * BLOCK_L + tl.arange(0, BLOCK_L) - (WIDTH - 1)
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s0 = blk * BLOCK_L - (WIDTH - 1)  # first (extended) position of the tile
+    col0 = tl.program_id(2) * BLOCK_C
+    rel = tl.arange(0, BLOCK_L)
+    rc = tl.arange(0, BLOCK_C)
+    s = s0 + rel
+    cols = col0 + rc
     cmask = cols < channels
-    dz_base = dz_ptr + b * seqlen * channels
+    dz_base = dz_ptr + _base(b, seqlen * channels, s0, channels, col0, 1)  # contiguous (b, l, c)
 
     # 1. Gradient of the inputs (and of the window) at positions s.
     dxf = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
     for j in tl.static_range(WIDTH):
-        t = s + (WIDTH - 1) - j
+        shift = (WIDTH - 1) - j
+        t = s + shift
         tmask = (t >= 0) & (t < seqlen)
         dzj = tl.load(
-            dz_base + t[:, None] * channels + cols[None, :],
+            dz_base + (rel[:, None] + shift) * channels + rc[None, :],
             mask=tmask[:, None] & cmask[None, :],
             other=0.0,
         )
         wj = tl.load(w_ptr + cols * stride_weight_c + j * stride_weight_k, mask=cmask, other=0.0)
         dxf += wj.to(tl.float32)[None, :] * dzj
     xmask = ((s >= 0) & (s < seqlen))[:, None] & cmask[None, :]
-    dx_off = b * stride_dxb + s[:, None] * stride_dxl + cols[None, :] * stride_dxc
-    tl.store(dx_ptr + dx_off, dxf.to(dx_ptr.dtype.element_ty), mask=xmask)
+    dx_base = dx_ptr + _base(b, stride_dxb, s0, stride_dxl, col0, stride_dxc)
+    dx_off = rel[:, None] * stride_dxl + rc[None, :] * stride_dxc
+    tl.store(dx_base + dx_off, dxf.to(dx_ptr.dtype.element_ty), mask=xmask)
     if NEED_DWIN:
         k = s + (WIDTH - 1)
         wmask = (s < 0)[:, None] & cmask[None, :]
-        dwin_off = b * stride_dwinb + cols[None, :] * stride_dwinc + k[:, None] * stride_dwink
-        tl.store(dwin_ptr + dwin_off, dxf.to(dwin_ptr.dtype.element_ty), mask=wmask)
+        dwin_base = dwin_ptr + b.to(tl.int64) * stride_dwinb + col0.to(tl.int64) * stride_dwinc
+        dwin_off = rc[None, :] * stride_dwinc + k[:, None] * stride_dwink
+        tl.store(dwin_base + dwin_off, dxf.to(dwin_ptr.dtype.element_ty), mask=wmask)
 
     # 2. Partial sums for the weight and bias gradients over positions t = s in [0, l).
-    row = b * nblk + blk
+    row = (b * nblk + blk).to(tl.int64)
     if NEED_DW or NEED_DB:
-        dz = tl.load(dz_base + s[:, None] * channels + cols[None, :], mask=xmask, other=0.0)
+        dz = tl.load(dz_base + rel[:, None] * channels + rc[None, :], mask=xmask, other=0.0)
         if NEED_DB:
             tl.store(db_part_ptr + row * channels + cols, tl.sum(dz, axis=0), mask=cmask)
         if NEED_DW:
+            x_base = x_ptr + _base(b, stride_xb, s0, stride_xl, col0, stride_xc)
+            win_base = win_ptr + b.to(tl.int64) * stride_wb + col0.to(tl.int64) * stride_wc
             for j in tl.static_range(WIDTH):
+                shift = j - (WIDTH - 1)
                 xv = _load_xfull(
-                    x_ptr,
-                    win_ptr,
-                    b,
-                    s - (WIDTH - 1) + j,
-                    cols,
-                    seqlen,
-                    channels,
-                    stride_xb,
-                    stride_xl,
-                    stride_xc,
-                    stride_wb,
-                    stride_wc,
-                    stride_wk,
-                    WIDTH,
-                    HAS_WIN,
-                )
+                    x_base, win_base, s + shift, rel + shift, rc, cmask, seqlen,
+                    stride_xl, stride_xc, stride_wc, stride_wk, WIDTH, HAS_WIN,
+                )  # fmt: skip
                 tl.store(
                     dw_part_ptr + (row * WIDTH + j) * channels + cols,
                     tl.sum(dz * xv, axis=0),

@@ -36,10 +36,24 @@ def _new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Te
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _row_programs(device: torch.device) -> int:
+    """Row-block programs of the backward: 4 per SM on CUDA (the dweight partials are then
+    (4 * SMs, d), not (rows, d)); 4 in the interpreter; 4 * 132 (H100/H200) elsewhere."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 if triton_interpreter() else 4 * 132
+
+
 def _block_r(rows: int, block_n: int) -> int:
     """Rows per program: ~4K elements per tile on GPU, bigger tiles in the interpreter."""
     budget = 1 << 16 if triton_interpreter() else 1 << 12
     return max(1, min(triton.next_power_of_2(max(rows, 1)), budget // block_n))
+
+
+@triton.jit
+def _row_base(row0, width):
+    """``row0 * width`` in int64: the scalar base offset of a row block."""
+    return tl.cast(row0, tl.int64) * width
 
 
 @triton.jit
@@ -59,24 +73,26 @@ def _rms_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(r, BLOCK_R), ngroups); x, gate, y contiguous (r, d); rstd (r, ngroups) fp32."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row0 = tl.program_id(0) * BLOCK_R
+    rel = tl.arange(0, BLOCK_R)
     grp = tl.program_id(1)
     k = tl.arange(0, BLOCK_N)
     cols = grp * group_size + k
     kmask = k < group_size
-    rmask = r < rows
+    rmask = rel < rows - row0
     mask = rmask[:, None] & kmask[None, :]
-    off = r[:, None] * d + cols[None, :]
+    base = _row_base(row0, d)  # int64: (r, d) may pass 2**31 elements
+    off = rel[:, None] * d + cols[None, :]
 
-    xg = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    xg = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
-        g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
         xg = xg * g * tl.sigmoid(g)
     rstd = 1.0 / tl.sqrt(tl.sum(xg * xg, axis=1) / group_size + eps)  # (BLOCK_R,)
     w = tl.load(w_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
     y = xg * rstd[:, None] * w[None, :]
-    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(rstd_ptr + r * ngroups + grp, rstd, mask=rmask)
+    tl.store(y_ptr + base + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + _row_base(row0, ngroups) + rel * ngroups + grp, rstd, mask=rmask)
 
 
 @triton.jit
@@ -98,43 +114,51 @@ def _rms_bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(r, BLOCK_R), ngroups). With xhat = xg * rstd and u = dy * weight::
+    """Grid (nprog, ngroups), nprog about the SM count: program ``pid`` walks the row blocks
+    ``pid, pid + nprog, ...`` of ``BLOCK_R`` rows. With xhat = xg * rstd and u = dy * weight::
 
     dxg    = rstd * (u - xhat * mean_group(u * xhat))
     dx     = dxg * silu(gate);   dgate = dxg * x * silu'(gate)
-    dw_part[program_row, cols] = sum over the program's rows of dy * xhat
+    dw_part[pid, cols] = sum over the program's rows of dy * xhat   (nprog, d) float32
     """
     pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    nprog = tl.num_programs(0)
     grp = tl.program_id(1)
+    rel = tl.arange(0, BLOCK_R)
     k = tl.arange(0, BLOCK_N)
     cols = grp * group_size + k
     kmask = k < group_size
-    rmask = r < rows
-    mask = rmask[:, None] & kmask[None, :]
-    off = r[:, None] * d + cols[None, :]
-
-    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    xg = x
-    if HAS_GATE:
-        g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(g)
-        xg = x * g * sig
-    rstd = tl.load(rstd_ptr + r * ngroups + grp, mask=rmask, other=0.0)
-    dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    off = rel[:, None] * d + cols[None, :]
     w = tl.load(w_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-    xhat = xg * rstd[:, None]
-    u = dy * w[None, :]
-    c = tl.sum(u * xhat, axis=1) / group_size
-    dxg = rstd[:, None] * (u - xhat * c[:, None])
-    if HAS_GATE:
-        tl.store(dx_ptr + off, (dxg * g * sig).to(dx_ptr.dtype.element_ty), mask=mask)
-        dg = dxg * x * sig * (1.0 + g * (1.0 - sig))
-        tl.store(dg_ptr + off, dg.to(dg_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(dx_ptr + off, dxg.to(dx_ptr.dtype.element_ty), mask=mask)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for row0 in range(pid * BLOCK_R, rows, nprog * BLOCK_R):
+        rmask = rel < rows - row0
+        mask = rmask[:, None] & kmask[None, :]
+        base = _row_base(row0, d)  # int64: (r, d) may pass 2**31 elements
+        x = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
+        xg = x
+        if HAS_GATE:
+            g = tl.load(g_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(g)
+            xg = x * g * sig
+        rstd = tl.load(
+            rstd_ptr + _row_base(row0, ngroups) + rel * ngroups + grp, mask=rmask, other=0.0
+        )
+        dy = tl.load(dy_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
+        xhat = xg * rstd[:, None]
+        u = dy * w[None, :]
+        c = tl.sum(u * xhat, axis=1) / group_size
+        dxg = rstd[:, None] * (u - xhat * c[:, None])
+        if HAS_GATE:
+            tl.store(dx_ptr + base + off, (dxg * g * sig).to(dx_ptr.dtype.element_ty), mask=mask)
+            dg = dxg * x * sig * (1.0 + g * (1.0 - sig))
+            tl.store(dg_ptr + base + off, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(dx_ptr + base + off, dxg.to(dx_ptr.dtype.element_ty), mask=mask)
+        if NEED_DW:
+            dw += tl.sum(dy * xhat, axis=0)
     if NEED_DW:
-        tl.store(dw_part_ptr + pid * d + cols, tl.sum(dy * xhat, axis=0), mask=kmask)
+        tl.store(dw_part_ptr + pid * d + cols, dw, mask=kmask)
 
 
 def _prepare(
@@ -223,7 +247,7 @@ def rms_norm_backward(
     dy2 = dy.reshape(-1, d).contiguous()
     block_n = triton.next_power_of_2(gs)
     block_r = _block_r(rows, block_n)
-    nprog = triton.cdiv(rows, block_r)
+    nprog = min(triton.cdiv(rows, block_r), _row_programs(x.device))
     dx = _new((rows, d), x.dtype, x.device)
     dg = None if gate is None else _new((rows, d), gate.dtype, x.device)
     dw_part = _new((nprog, d), torch.float32, x.device) if need_dweight else None

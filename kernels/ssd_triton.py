@@ -101,6 +101,14 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 @triton.jit
+def _base3(i, stride_i, j, stride_j, k, stride_k):
+    """``i * stride_i + j * stride_j + k * stride_k`` in int64: a scalar base offset (batch,
+    chunk start, head or group) of a tensor that may pass 2**31 elements."""
+    i64 = tl.int64
+    return tl.cast(i, i64) * stride_i + tl.cast(j, i64) * stride_j + tl.cast(k, i64) * stride_k
+
+
+@triton.jit
 def _chunk_cumsum_fwd(
     dt_ptr,  # (b, l, h), strides s_db, s_dl, s_dh
     A_ptr,  # (h,)
@@ -122,7 +130,7 @@ def _chunk_cumsum_fwd(
     t0 = ci * chunk_size
     offs = tl.arange(0, BLOCK_L)
     valid = (offs < chunk_size) & (offs < seqlen - t0)
-    dt_base = dt_ptr + bi * s_db + t0.to(tl.int64) * s_dl + hi * s_dh
+    dt_base = dt_ptr + _base3(bi, s_db, t0, s_dl, hi, s_dh)
     dt = tl.load(dt_base + offs * s_dl, mask=valid, other=0.0).to(tl.float32)
     a = tl.load(A_ptr + hi).to(tl.float32)
     cs = tl.cumsum(dt * a, axis=0)
@@ -173,9 +181,9 @@ def _chunk_state(
     t0 = ci * chunk_size
     nval = tl.minimum(chunk_size, seqlen - t0)  # steps of this chunk inside the sequence
     t0 = t0.to(tl.int64)
-    x_base = x_ptr + bi * s_xb + t0 * s_xl + hi * s_xh
-    y_base = y_ptr + bi * s_yb + t0 * s_yl + gi * s_yg
-    dt_base = dt_ptr + bi * s_db + t0 * s_dl + hi * s_dh
+    x_base = x_ptr + _base3(bi, s_xb, t0, s_xl, hi, s_xh)
+    y_base = y_ptr + _base3(bi, s_yb, t0, s_yl, gi, s_yg)
+    dt_base = dt_ptr + _base3(bi, s_db, t0, s_dl, hi, s_dh)
     dacs_base = dacs_ptr + ((bi * nheads + hi) * nchunks + ci) * chunk_size
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -297,10 +305,10 @@ def _chunk_scan_fwd(
     t0 = ci * chunk_size
     nval = tl.minimum(chunk_size, seqlen - t0)
     t0 = t0.to(tl.int64)
-    x_base = x_ptr + bi * s_xb + t0 * s_xl + hi * s_xh
-    dt_base = dt_ptr + bi * s_db + t0 * s_dl + hi * s_dh
-    b_base = B_ptr + bi * s_bb + t0 * s_bl + gi * s_bg
-    c_base = C_ptr + bi * s_cb + t0 * s_cl + gi * s_cg
+    x_base = x_ptr + _base3(bi, s_xb, t0, s_xl, hi, s_xh)
+    dt_base = dt_ptr + _base3(bi, s_db, t0, s_dl, hi, s_dh)
+    b_base = B_ptr + _base3(bi, s_bb, t0, s_bl, gi, s_bg)
+    c_base = C_ptr + _base3(bi, s_cb, t0, s_cl, gi, s_cg)
     y_base = y_ptr + ((bi * seqlen + t0) * nheads + hi) * headdim
     dacs_base = dacs_ptr + ((bi * nheads + hi) * nchunks + ci) * chunk_size
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -459,11 +467,11 @@ def _chunk_scan_bwd_dx(
     t0 = ci * chunk_size
     nval = tl.minimum(chunk_size, seqlen - t0)
     t0 = t0.to(tl.int64)
-    x_base = x_ptr + bi * s_xb + t0 * s_xl + hi * s_xh
-    dt_base = dt_ptr + bi * s_db + t0 * s_dl + hi * s_dh
-    b_base = B_ptr + bi * s_bb + t0 * s_bl + gi * s_bg
-    c_base = C_ptr + bi * s_cb + t0 * s_cl + gi * s_cg
-    dy_base = dy_ptr + bi * s_yb + t0 * s_yl + hi * s_yh
+    x_base = x_ptr + _base3(bi, s_xb, t0, s_xl, hi, s_xh)
+    dt_base = dt_ptr + _base3(bi, s_db, t0, s_dl, hi, s_dh)
+    b_base = B_ptr + _base3(bi, s_bb, t0, s_bl, gi, s_bg)
+    c_base = C_ptr + _base3(bi, s_cb, t0, s_cl, gi, s_cg)
+    dy_base = dy_ptr + _base3(bi, s_yb, t0, s_yl, hi, s_yh)
     dx_base = dx_ptr + ((bi * seqlen + t0) * nheads + hi) * headdim
     dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
     dacs_base = dacs_ptr + dacs_off
@@ -584,11 +592,11 @@ def _chunk_scan_bwd_dc(
     t0 = ci * chunk_size
     nval = tl.minimum(chunk_size, seqlen - t0)
     t0 = t0.to(tl.int64)
-    x_base = x_ptr + bi * s_xb + t0 * s_xl + hi * s_xh
-    dt_base = dt_ptr + bi * s_db + t0 * s_dl + hi * s_dh
-    b_base = B_ptr + bi * s_bb + t0 * s_bl + gi * s_bg
-    c_base = C_ptr + bi * s_cb + t0 * s_cl + gi * s_cg
-    dy_base = dy_ptr + bi * s_yb + t0 * s_yl + hi * s_yh
+    x_base = x_ptr + _base3(bi, s_xb, t0, s_xl, hi, s_xh)
+    dt_base = dt_ptr + _base3(bi, s_db, t0, s_dl, hi, s_dh)
+    b_base = B_ptr + _base3(bi, s_bb, t0, s_bl, gi, s_bg)
+    c_base = C_ptr + _base3(bi, s_cb, t0, s_cl, gi, s_cg)
+    dy_base = dy_ptr + _base3(bi, s_yb, t0, s_yl, hi, s_yh)
     dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
     dacs_base = dacs_ptr + dacs_off
     s_base = states_ptr + ((bi * nchunks + ci) * nheads + hi) * headdim * dstate
@@ -704,11 +712,11 @@ def _chunk_scan_bwd_db(
     t0 = ci * chunk_size
     nval = tl.minimum(chunk_size, seqlen - t0)
     t0 = t0.to(tl.int64)
-    x_base = x_ptr + bi * s_xb + t0 * s_xl + hi * s_xh
-    dt_base = dt_ptr + bi * s_db + t0 * s_dl + hi * s_dh
-    b_base = B_ptr + bi * s_bb + t0 * s_bl + gi * s_bg
-    c_base = C_ptr + bi * s_cb + t0 * s_cl + gi * s_cg
-    dy_base = dy_ptr + bi * s_yb + t0 * s_yl + hi * s_yh
+    x_base = x_ptr + _base3(bi, s_xb, t0, s_xl, hi, s_xh)
+    dt_base = dt_ptr + _base3(bi, s_db, t0, s_dl, hi, s_dh)
+    b_base = B_ptr + _base3(bi, s_bb, t0, s_bl, gi, s_bg)
+    c_base = C_ptr + _base3(bi, s_cb, t0, s_cl, gi, s_cg)
+    dy_base = dy_ptr + _base3(bi, s_yb, t0, s_yl, hi, s_yh)
     dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
     dacs_base = dacs_ptr + dacs_off
     dcs_base = dcs_ptr + ((bi * nchunks + ci) * nheads + hi) * headdim * dstate
@@ -808,7 +816,7 @@ def _chunk_cumsum_bwd(
     )
     # d(dA_m) = sum_{k >= m} d a_k, plus the chunk-end term, which reaches every step.
     dda = tl.cumsum(da, axis=0, reverse=True) + tl.load(dalast_ptr + bh * nchunks + ci)
-    dt_base = dt_ptr + bi * s_db + t0 * s_dl + hi * s_dh
+    dt_base = dt_ptr + _base3(bi, s_db, t0, s_dl, hi, s_dh)
     dt = tl.load(dt_base + offs * s_dl, mask=valid, other=0.0).to(tl.float32)
     a = tl.load(A_ptr + hi).to(tl.float32)
     ddt = tl.load(ddt_direct_ptr + base, mask=lmask, other=0.0) + a * dda

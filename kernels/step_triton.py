@@ -63,7 +63,7 @@ def _conv_step_kernel(
     full = [window, x] (BLOCK_C, w); y = act(bias + sum_j weight[:, j] full[:, j]);
     new_window = full[:, 1:].
     """
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # offsets in int64: the tensors may pass 2**31 elements
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < channels
     k = tl.arange(0, BLOCK_K)  # window slots 0 .. w-2 (BLOCK_K >= w-1, >= 1)
@@ -145,7 +145,7 @@ def _ssd_step_kernel(
 
     S' = exp(dt A) S + dt x (outer) B;  y = S' C + D x.  D_MODE: 0 none, 1 (h,), 2 (h, p).
     """
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # offsets in int64: the state may pass 2**31 elements
     h = tl.program_id(1)
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)

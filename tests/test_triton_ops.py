@@ -20,7 +20,10 @@ from ilm_kernels.backend import BackendUnavailableError, has_module, triton_inte
 if not has_module("triton"):
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from ilm_kernels import conv1d_triton, norm_triton, step_triton  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from ilm_kernels import conv1d_triton, norm_triton, ssd_triton, step_triton  # noqa: E402
 from ilm_kernels.ops import (  # noqa: E402
     causal_conv1d,
     causal_conv1d_step_op,
@@ -254,9 +257,12 @@ def test_gated_rms_norm_fp32(group_size: int | None) -> None:
     compare_with_grads(fn, ref, inputs, TOL[F32])
 
 
-def test_gated_rms_norm_many_programs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two rows per program (as on a GPU with long rows): partial dweight rows and row masks."""
+@pytest.mark.parametrize("programs", [4, 2, 1])
+def test_gated_rms_norm_many_programs(monkeypatch: pytest.MonkeyPatch, programs: int) -> None:
+    """Two rows per block (as on a GPU with long rows), and fewer backward programs than blocks
+    (each walks several, as with the SM-count grid): partial dweight rows and row masks."""
     monkeypatch.setattr(norm_triton, "_block_r", lambda rows, block_n: 2)
+    monkeypatch.setattr(norm_triton, "_row_programs", lambda device: programs)
     gen = torch.Generator().manual_seed(9)
     inputs = [randn(gen, 7, 8), randn(gen, 7, 8), randn(gen, 8)]
 
@@ -423,3 +429,30 @@ def test_dispatcher_errors(monkeypatch: pytest.MonkeyPatch) -> None:
                 randn(gen, 1, 2, 4),
                 backend="triton",
             )
+
+
+# --------------------------------------------------------------------------------------------
+# Offsets past 2**31 elements, without allocating such tensors
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _offsets_kernel(out_ptr, i, si, j, sj, k, sk):
+    tl.store(out_ptr + 0, ssd_triton._base3(i, si, j, sj, k, sk))
+    tl.store(out_ptr + 1, conv1d_triton._base(i, si, j, sj, k, sk))
+    tl.store(out_ptr + 2, norm_triton._row_base(j, sj))
+
+
+def test_base_offsets_are_int64_past_2_31() -> None:
+    """The kernels' scalar base-offset helpers give exact offsets where int32 would wrap (a
+    (b, l, c) tensor of more than 2**31 elements), run on the same backend as the kernels."""
+    offsets = _offsets_kernel
+    # batch 7 of a (8, 2**20, 4352)-like view: stride_b 2**32 - 5 is itself past int32's range
+    # for the product; j * sj = 2**20 * 4352 ~ 4.6e9.
+    cases = [(7, 2**31 - 5, 2**20, 4352, 63, 1), (3, 4096, 900_000, 4096, 5, 64)]
+    for i, si, j, sj, k, sk in cases:
+        out = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+        offsets[(1,)](out, i, si, j, sj, k, sk)
+        want = i * si + j * sj + k * sk
+        assert out.tolist() == [want, want, j * sj], (out.tolist(), want)
+        assert want > 2**31
