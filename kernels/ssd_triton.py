@@ -548,8 +548,8 @@ def _chunk_scan_bwd_dc(
     C_ptr,  # (b, l, g, n), strides s_cb, s_cl, s_cg, s_cn
     states_ptr,  # (b, c, h, p, n)
     dy_ptr,  # (b, l, h, p), strides s_yb, s_yl, s_yh, s_yp
-    dc_ptr,  # out (b, l, h, n) float32: per-head dC
-    da_ptr,  # out (b, h, c, L) float32: dC_i . C_i
+    dc_ptr,  # out (b, l, h // HEADS, n) float32: dC summed over each program's HEADS heads
+    da_ptr,  # out (b, h, c, L) float32: dC_i . C_i per head
     seqlen,
     nheads,
     heads_per_group,
@@ -576,87 +576,100 @@ def _chunk_scan_bwd_dc(
     s_yl,
     s_yh,
     s_yp,
+    HEADS: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """Grid (b * c * h // HEADS, cdiv(L, BLOCK_M)): rows i of one chunk for HEADS consecutive
+    heads of one group, whose dC contributions are summed here (the group sum is finished by
+    the launcher over h // HEADS slices, not over h)."""
     OP: tl.constexpr = x_ptr.dtype.element_ty
-    pid_bch = tl.program_id(0)
+    pid_bcq = tl.program_id(0)
     pid_i = tl.program_id(1)
-    hi = pid_bch % nheads
-    bc = pid_bch // nheads
+    nq = nheads // HEADS
+    q = pid_bcq % nq
+    bc = pid_bcq // nq
     ci = bc % nchunks
     bi = (bc // nchunks).to(tl.int64)
-    gi = hi // heads_per_group
+    h0 = q * HEADS
+    gi = h0 // heads_per_group
     t0 = ci * chunk_size
     nval = tl.minimum(chunk_size, seqlen - t0)
     t0 = t0.to(tl.int64)
-    x_base = x_ptr + _base3(bi, s_xb, t0, s_xl, hi, s_xh)
-    dt_base = dt_ptr + _base3(bi, s_db, t0, s_dl, hi, s_dh)
     b_base = B_ptr + _base3(bi, s_bb, t0, s_bl, gi, s_bg)
     c_base = C_ptr + _base3(bi, s_cb, t0, s_cl, gi, s_cg)
-    dy_base = dy_ptr + _base3(bi, s_yb, t0, s_yl, hi, s_yh)
-    dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
-    dacs_base = dacs_ptr + dacs_off
-    s_base = states_ptr + ((bi * nchunks + ci) * nheads + hi) * headdim * dstate
     offs_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     nmask = offs_n < dstate
     ival = offs_i < nval
-    a_i = tl.load(dacs_base + offs_i, mask=offs_i < chunk_size, other=0.0)
-    decay_i = tl.exp(a_i)
     j_end = tl.minimum((pid_i + 1) * BLOCK_M, chunk_size)
 
-    # The head dim is a contraction here: tile it (one pass when headdim <= BLOCK_P).
+    # One accumulator for the HEADS heads; each head's d a_i = dC_h,i . C_i is the change of
+    # rowsum(acc * C_i) over that head.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p0 in range(0, headdim, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        pmask = offs_p < headdim
-        dy_i = tl.load(
-            dy_base + offs_i[:, None] * s_yl + offs_p[None, :] * s_yp,
-            mask=ival[:, None] & pmask[None, :],
-            other=0.0,
-        ).to(OP)  # (I, P)
-        s = tl.load(
-            s_base + offs_p[:, None] * dstate + offs_n[None, :],
-            mask=pmask[:, None] & nmask[None, :],
-            other=0.0,
-        )  # (P, N)
-        acc += tl.dot(dy_i, s.to(OP), input_precision=PREC) * decay_i[:, None]
-        for j0 in range(0, j_end, BLOCK_M):
-            offs_j = j0 + tl.arange(0, BLOCK_M)
-            jval = offs_j < nval
-            x_t = tl.load(
-                x_base + offs_j[None, :] * s_xl + offs_p[:, None] * s_xp,
-                mask=jval[None, :] & pmask[:, None],
+    before = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for hh in range(HEADS):
+        hi = h0 + hh
+        x_base = x_ptr + _base3(bi, s_xb, t0, s_xl, hi, s_xh)
+        dt_base = dt_ptr + _base3(bi, s_db, t0, s_dl, hi, s_dh)
+        dy_base = dy_ptr + _base3(bi, s_yb, t0, s_yl, hi, s_yh)
+        dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
+        dacs_base = dacs_ptr + dacs_off
+        s_base = states_ptr + ((bi * nchunks + ci) * nheads + hi) * headdim * dstate
+        a_i = tl.load(dacs_base + offs_i, mask=offs_i < chunk_size, other=0.0)
+        decay_i = tl.exp(a_i)
+        # The head dim is a contraction here: tile it (one pass when headdim <= BLOCK_P).
+        for p0 in range(0, headdim, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            pmask = offs_p < headdim
+            dy_i = tl.load(
+                dy_base + offs_i[:, None] * s_yl + offs_p[None, :] * s_yp,
+                mask=ival[:, None] & pmask[None, :],
                 other=0.0,
-            ).to(OP)  # (P, J)
-            a_j = tl.load(dacs_base + offs_j, mask=offs_j < chunk_size, other=0.0)
-            dt_j = tl.load(dt_base + offs_j * s_dl, mask=jval, other=0.0).to(tl.float32)
-            causal = (offs_i[:, None] >= offs_j[None, :]) & jval[None, :]
-            decay = tl.exp(tl.where(causal, a_i[:, None] - a_j[None, :], float("-inf")))
-            scores = tl.dot(dy_i, x_t, input_precision=PREC) * decay * dt_j[None, :]
-            b_j = tl.load(
-                b_base + offs_j[:, None] * s_bl + offs_n[None, :] * s_bn,
-                mask=jval[:, None] & nmask[None, :],
+            ).to(OP)  # (I, P)
+            s = tl.load(
+                s_base + offs_p[:, None] * dstate + offs_n[None, :],
+                mask=pmask[:, None] & nmask[None, :],
                 other=0.0,
-            ).to(OP)  # (J, N)
-            acc += tl.dot(scores.to(OP), b_j, input_precision=PREC)
+            )  # (P, N)
+            acc += tl.dot(dy_i, s.to(OP), input_precision=PREC) * decay_i[:, None]
+            for j0 in range(0, j_end, BLOCK_M):
+                offs_j = j0 + tl.arange(0, BLOCK_M)
+                jval = offs_j < nval
+                x_t = tl.load(
+                    x_base + offs_j[None, :] * s_xl + offs_p[:, None] * s_xp,
+                    mask=jval[None, :] & pmask[:, None],
+                    other=0.0,
+                ).to(OP)  # (P, J)
+                a_j = tl.load(dacs_base + offs_j, mask=offs_j < chunk_size, other=0.0)
+                dt_j = tl.load(dt_base + offs_j * s_dl, mask=jval, other=0.0).to(tl.float32)
+                causal = (offs_i[:, None] >= offs_j[None, :]) & jval[None, :]
+                decay = tl.exp(tl.where(causal, a_i[:, None] - a_j[None, :], float("-inf")))
+                scores = tl.dot(dy_i, x_t, input_precision=PREC) * decay * dt_j[None, :]
+                b_j = tl.load(
+                    b_base + offs_j[:, None] * s_bl + offs_n[None, :] * s_bn,
+                    mask=jval[:, None] & nmask[None, :],
+                    other=0.0,
+                ).to(OP)  # (J, N)
+                acc += tl.dot(scores.to(OP), b_j, input_precision=PREC)
+        c_i = tl.load(
+            c_base + offs_i[:, None] * s_cl + offs_n[None, :] * s_cn,
+            mask=ival[:, None] & nmask[None, :],
+            other=0.0,
+        ).to(tl.float32)  # (I, N), reloaded per head (cache hits) rather than held
+        after = tl.sum(acc * c_i, axis=1)
+        tl.store(da_ptr + dacs_off + offs_i, tl.where(ival, after - before, 0.0),
+                 mask=offs_i < chunk_size)  # fmt: skip
+        before = after
 
-    c_i = tl.load(
-        c_base + offs_i[:, None] * s_cl + offs_n[None, :] * s_cn,
-        mask=ival[:, None] & nmask[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    dc_base = dc_ptr + ((bi * seqlen + t0) * nheads + hi) * dstate
+    dc_base = dc_ptr + ((bi * seqlen + t0) * nq + q) * dstate
     tl.store(
-        dc_base + offs_i[:, None] * (nheads * dstate) + offs_n[None, :],
+        dc_base + offs_i[:, None] * (nq * dstate) + offs_n[None, :],
         acc,
         mask=ival[:, None] & nmask[None, :],
     )
-    da = tl.where(ival, tl.sum(acc * c_i, axis=1), 0.0)
-    tl.store(da_ptr + dacs_off + offs_i, da, mask=offs_i < chunk_size)
 
 
 @triton.jit
@@ -668,8 +681,8 @@ def _chunk_scan_bwd_db(
     C_ptr,  # (b, l, g, n), strides s_cb, s_cl, s_cg, s_cn
     dcs_ptr,  # (b, c, h, p, n)
     dy_ptr,  # (b, l, h, p), strides s_yb, s_yl, s_yh, s_yp
-    db_ptr,  # out (b, l, h, n) float32: per-head dB
-    da_ptr,  # out (b, h, c, L) float32: dB_j . B_j
+    db_ptr,  # out (b, l, h // HEADS, n) float32: dB summed over each program's HEADS heads
+    da_ptr,  # out (b, h, c, L) float32: dB_j . B_j per head
     seqlen,
     nheads,
     heads_per_group,
@@ -696,88 +709,96 @@ def _chunk_scan_bwd_db(
     s_yl,
     s_yh,
     s_yp,
+    HEADS: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """Grid (b * c * h // HEADS, cdiv(L, BLOCK_M)), as :func:`_chunk_scan_bwd_dc` for dB."""
     OP: tl.constexpr = x_ptr.dtype.element_ty
-    pid_bch = tl.program_id(0)
+    pid_bcq = tl.program_id(0)
     pid_j = tl.program_id(1)
-    hi = pid_bch % nheads
-    bc = pid_bch // nheads
+    nq = nheads // HEADS
+    q = pid_bcq % nq
+    bc = pid_bcq // nq
     ci = bc % nchunks
     bi = (bc // nchunks).to(tl.int64)
-    gi = hi // heads_per_group
+    h0 = q * HEADS
+    gi = h0 // heads_per_group
     t0 = ci * chunk_size
     nval = tl.minimum(chunk_size, seqlen - t0)
     t0 = t0.to(tl.int64)
-    x_base = x_ptr + _base3(bi, s_xb, t0, s_xl, hi, s_xh)
-    dt_base = dt_ptr + _base3(bi, s_db, t0, s_dl, hi, s_dh)
     b_base = B_ptr + _base3(bi, s_bb, t0, s_bl, gi, s_bg)
     c_base = C_ptr + _base3(bi, s_cb, t0, s_cl, gi, s_cg)
-    dy_base = dy_ptr + _base3(bi, s_yb, t0, s_yl, hi, s_yh)
-    dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
-    dacs_base = dacs_ptr + dacs_off
-    dcs_base = dcs_ptr + ((bi * nchunks + ci) * nheads + hi) * headdim * dstate
     offs_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     nmask = offs_n < dstate
     jval = offs_j < nval
-    a_j = tl.load(dacs_base + offs_j, mask=offs_j < chunk_size, other=0.0)
-    a_last = tl.load(dacs_base + chunk_size - 1)
-    decay_j = tl.exp(a_last - a_j)
 
-    # The head dim is a contraction here: tile it (one pass when headdim <= BLOCK_P).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p0 in range(0, headdim, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        pmask = offs_p < headdim
-        x_j = tl.load(
-            x_base + offs_j[:, None] * s_xl + offs_p[None, :] * s_xp,
-            mask=jval[:, None] & pmask[None, :],
-            other=0.0,
-        ).to(OP)  # (J, P)
-        dcs = tl.load(
-            dcs_base + offs_p[:, None] * dstate + offs_n[None, :],
-            mask=pmask[:, None] & nmask[None, :],
-            other=0.0,
-        )  # (P, N)
-        acc += tl.dot(x_j, dcs.to(OP), input_precision=PREC) * decay_j[:, None]
-        for i0 in range(pid_j * BLOCK_M, chunk_size, BLOCK_M):
-            offs_i = i0 + tl.arange(0, BLOCK_M)
-            ival = offs_i < nval
-            dy_t = tl.load(
-                dy_base + offs_i[None, :] * s_yl + offs_p[:, None] * s_yp,
-                mask=ival[None, :] & pmask[:, None],
+    before = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for hh in range(HEADS):
+        hi = h0 + hh
+        x_base = x_ptr + _base3(bi, s_xb, t0, s_xl, hi, s_xh)
+        dt_base = dt_ptr + _base3(bi, s_db, t0, s_dl, hi, s_dh)
+        dy_base = dy_ptr + _base3(bi, s_yb, t0, s_yl, hi, s_yh)
+        dacs_off = ((bi * nheads + hi) * nchunks + ci) * chunk_size
+        dacs_base = dacs_ptr + dacs_off
+        dcs_base = dcs_ptr + ((bi * nchunks + ci) * nheads + hi) * headdim * dstate
+        a_j = tl.load(dacs_base + offs_j, mask=offs_j < chunk_size, other=0.0)
+        a_last = tl.load(dacs_base + chunk_size - 1)
+        # dB_j = dt_j * (...): dt_j scales the rows of this head's terms before they are summed.
+        dt_j = tl.load(dt_base + offs_j * s_dl, mask=jval, other=0.0).to(tl.float32)
+        w_j = tl.exp(a_last - a_j) * dt_j
+        for p0 in range(0, headdim, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            pmask = offs_p < headdim
+            x_j = tl.load(
+                x_base + offs_j[:, None] * s_xl + offs_p[None, :] * s_xp,
+                mask=jval[:, None] & pmask[None, :],
                 other=0.0,
-            ).to(OP)  # (P, I)
-            a_i = tl.load(dacs_base + offs_i, mask=offs_i < chunk_size, other=0.0)
-            causal = (offs_i[None, :] >= offs_j[:, None]) & ival[None, :]
-            decay = tl.exp(tl.where(causal, a_i[None, :] - a_j[:, None], float("-inf")))
-            scores = tl.dot(x_j, dy_t, input_precision=PREC) * decay  # (J, I)
-            c_i = tl.load(
-                c_base + offs_i[:, None] * s_cl + offs_n[None, :] * s_cn,
-                mask=ival[:, None] & nmask[None, :],
+            ).to(OP)  # (J, P)
+            dcs = tl.load(
+                dcs_base + offs_p[:, None] * dstate + offs_n[None, :],
+                mask=pmask[:, None] & nmask[None, :],
                 other=0.0,
-            ).to(OP)  # (I, N)
-            acc += tl.dot(scores.to(OP), c_i, input_precision=PREC)
+            )  # (P, N)
+            acc += tl.dot(x_j, dcs.to(OP), input_precision=PREC) * w_j[:, None]
+            for i0 in range(pid_j * BLOCK_M, chunk_size, BLOCK_M):
+                offs_i = i0 + tl.arange(0, BLOCK_M)
+                ival = offs_i < nval
+                dy_t = tl.load(
+                    dy_base + offs_i[None, :] * s_yl + offs_p[:, None] * s_yp,
+                    mask=ival[None, :] & pmask[:, None],
+                    other=0.0,
+                ).to(OP)  # (P, I)
+                a_i = tl.load(dacs_base + offs_i, mask=offs_i < chunk_size, other=0.0)
+                causal = (offs_i[None, :] >= offs_j[:, None]) & ival[None, :]
+                decay = tl.exp(tl.where(causal, a_i[None, :] - a_j[:, None], float("-inf")))
+                scores = tl.dot(x_j, dy_t, input_precision=PREC) * decay * dt_j[:, None]
+                c_i = tl.load(
+                    c_base + offs_i[:, None] * s_cl + offs_n[None, :] * s_cn,
+                    mask=ival[:, None] & nmask[None, :],
+                    other=0.0,
+                ).to(OP)  # (I, N)
+                acc += tl.dot(scores.to(OP), c_i, input_precision=PREC)
+        b_j = tl.load(
+            b_base + offs_j[:, None] * s_bl + offs_n[None, :] * s_bn,
+            mask=jval[:, None] & nmask[None, :],
+            other=0.0,
+        ).to(tl.float32)  # (J, N), reloaded per head (cache hits) rather than held
+        after = tl.sum(acc * b_j, axis=1)
+        tl.store(da_ptr + dacs_off + offs_j, tl.where(jval, after - before, 0.0),
+                 mask=offs_j < chunk_size)  # fmt: skip
+        before = after
 
-    dt_j = tl.load(dt_base + offs_j * s_dl, mask=jval, other=0.0).to(tl.float32)
-    acc = acc * dt_j[:, None]
-    b_j = tl.load(
-        b_base + offs_j[:, None] * s_bl + offs_n[None, :] * s_bn,
-        mask=jval[:, None] & nmask[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    db_base = db_ptr + ((bi * seqlen + t0) * nheads + hi) * dstate
+    db_base = db_ptr + ((bi * seqlen + t0) * nq + q) * dstate
     tl.store(
-        db_base + offs_j[:, None] * (nheads * dstate) + offs_n[None, :],
+        db_base + offs_j[:, None] * (nq * dstate) + offs_n[None, :],
         acc,
         mask=jval[:, None] & nmask[None, :],
     )
-    da = tl.where(jval, tl.sum(acc * b_j, axis=1), 0.0)
-    tl.store(da_ptr + dacs_off + offs_j, da, mask=offs_j < chunk_size)
 
 
 @triton.jit
@@ -851,6 +872,50 @@ def _precision(*tensors: Tensor | None) -> str:
     return fp32_precision() if wide else "tf32"
 
 
+#: ``ILM_KERNELS_AUTOTUNE=1``: the chunk-scan kernels autotune num_warps x num_stages per
+#: shape (:data:`TUNE_KEY` and the dtypes) on the GPU, instead of the pinned configurations.
+AUTOTUNE_ENV = "ILM_KERNELS_AUTOTUNE"
+TUNE_KEY = ["headdim", "dstate", "chunk_size", "heads_per_group"]
+TUNE_SPACE = [(w, s) for w in (4, 8) for s in (1, 2, 3)]  # (num_warps, num_stages)
+_TUNED: dict[str, object] = {}
+
+
+def autotune_enabled() -> bool:
+    """True under ``ILM_KERNELS_AUTOTUNE=1`` on compiled kernels (the interpreter never tunes)."""
+    return os.environ.get(AUTOTUNE_ENV, "0") == "1" and not triton_interpreter()
+
+
+def _launch(fn: object, opts: dict[str, int]) -> tuple[object, dict[str, int]]:
+    """(kernel, launch options): by default ``fn`` with its pinned options (deterministic,
+    what the tests and ``tools/kernel_report.py`` check); under :func:`autotune_enabled` the
+    kernel wrapped in ``triton.autotune`` over :data:`TUNE_SPACE`, keyed on the shape. Every
+    tuned kernel rewrites all of its outputs, so the tuning runs are harmless."""
+    if not autotune_enabled():
+        return fn, opts
+    name = fn.__name__  # type: ignore[attr-defined]
+    if name not in _TUNED:
+        configs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in TUNE_SPACE]
+        _TUNED[name] = triton.autotune(configs=configs, key=TUNE_KEY)(fn)
+    return _TUNED[name], {}
+
+
+def _heads_per_program(dims: _Dims, programs: int) -> int:
+    """Heads of one group each dB/dC program sums (a power of two dividing heads_per_group).
+
+    ``programs``: the grid size at one head per program. As many heads as keep at least ~1024
+    programs on the GPU (8 at most: the loop over heads is
+    serial); the whole group in the interpreter. The per-head buffers of dB and dC
+    (b, l, h, n) fp32 -- 2 x 1.07 GB per layer at b8/l4096/h64/n128 -- shrink by this factor.
+    """
+    hpg = dims.heads_per_group
+    if triton_interpreter():
+        return hpg
+    heads = 1
+    while heads < 8 and hpg % (2 * heads) == 0 and programs // (2 * heads) >= 1024:
+        heads *= 2
+    return heads
+
+
 def _block_m(chunk_size: int) -> int:
     """Rows per tile inside a chunk: whole chunk in the interpreter (fewer programs)."""
     if triton_interpreter():
@@ -883,6 +948,7 @@ class _Dims:
         self.block_p = full_p if triton_interpreter() else min(full_p, 64)
         self.scan_opts: dict[str, int] = {}  # _chunk_scan_fwd, _chunk_scan_bwd_dx
         self.grad_opts: dict[str, int] = {}  # _chunk_scan_bwd_dc, _chunk_scan_bwd_db
+        self.grad_block_m = self.block_m
         if not triton_interpreter():
             if self.block_n > 128:
                 # Whole-d_state tiles of C, B and the states fit registers and shared memory
@@ -899,7 +965,11 @@ class _Dims:
                 "num_warps": warps,
                 "num_stages": 2 if half or self.block_m < 64 else 1,
             }
-            self.grad_opts = {"num_warps": warps, "num_stages": 2 if half else 1}
+            # dB/dC loop over several heads with one accumulator: one stage for 16-bit, and
+            # 32-row fp32 tiles.
+            self.grad_block_m = self.block_m if half else min(self.block_m, 32)
+            gwarps = 8 if self.grad_block_m * self.block_n >= 4096 else 4
+            self.grad_opts = {"num_warps": gwarps, "num_stages": 1 if half else 2}
 
     def common(self) -> tuple[int, ...]:
         """(seqlen, nheads, heads_per_group, headdim, dstate, nchunks, chunk_size)."""
@@ -1010,11 +1080,12 @@ def ssd_triton_fwd(
     bp = min(_pow2(d.headdim), 64)
     grid = (d.batch * d.nchunks * d.nheads, triton.cdiv(d.chunk_size, d.block_m),
             triton.cdiv(d.headdim, bp))  # fmt: skip
-    _chunk_scan_fwd[grid](
+    kernel, opts = _launch(_chunk_scan_fwd, d.scan_opts)
+    kernel[grid](
         x, dt, dacs, B, C, states, x if D is None else D, y, *d.common(),
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
         HAS_D=D is not None, D_HAS_P=D is not None and D.dim() == 2, PREC=prec,
-        BLOCK_M=d.block_m, BLOCK_P=bp, BLOCK_N=d.block_n, **d.scan_opts,
+        BLOCK_M=d.block_m, BLOCK_P=bp, BLOCK_N=d.block_n, **opts,
     )  # fmt: skip
     return y, final
 
@@ -1077,24 +1148,34 @@ def ssd_triton_bwd(
     strides = (*x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride())
     dx = _empty(*x.shape, dtype=x.dtype, device=dev)
     ddt_parts = _empty(n_p, *dacs.shape, dtype=f32, device=dev)
-    _chunk_scan_bwd_dx[(bch, nm, n_p)](
+    kernel, opts = _launch(_chunk_scan_bwd_dx, d.scan_opts)
+    kernel[(bch, nm, n_p)](
         x, dt, dacs, B, C, dcs, x if D is None else D, dy, dx, ddt_parts, *d.common(), *strides,
         HAS_D=D is not None, D_HAS_P=D is not None and D.dim() == 2, PREC=prec, **blocks,
-        **d.scan_opts,
+        **opts,
     )  # fmt: skip
     ddt_direct = ddt_parts[0] if n_p == 1 else ddt_parts.sum(0)
-    hshape = (d.batch, d.seqlen, d.nheads, d.dstate)
-    dC_h = _empty(*hshape, dtype=f32, device=dev)
+    # dB and dC come out summed over `heads` consecutive heads of a group (in the kernel);
+    # the rest of the group sum is over h // heads slices.
+    nm_g = triton.cdiv(d.chunk_size, d.grad_block_m)
+    heads = _heads_per_program(d, bch * nm_g)
+    nq = d.nheads // heads
+    qshape = (d.batch, d.seqlen, nq, d.dstate)
+    dC_q = _empty(*qshape, dtype=f32, device=dev)
     da_c = _empty(*dacs.shape, dtype=f32, device=dev)
-    _chunk_scan_bwd_dc[(bch, nm)](
-        x, dt, dacs, B, C, states, dy, dC_h, da_c, *d.common(), *strides, PREC=prec, **blocks,
-        **d.grad_opts,
+    grid_q = (d.batch * d.nchunks * nq, nm_g)
+    gblocks = {**blocks, "BLOCK_M": d.grad_block_m}
+    kernel, opts = _launch(_chunk_scan_bwd_dc, d.grad_opts)
+    kernel[grid_q](
+        x, dt, dacs, B, C, states, dy, dC_q, da_c, *d.common(), *strides, HEADS=heads,
+        PREC=prec, **gblocks, **opts,
     )  # fmt: skip
-    dB_h = _empty(*hshape, dtype=f32, device=dev)
+    dB_q = _empty(*qshape, dtype=f32, device=dev)
     da_b = _empty(*dacs.shape, dtype=f32, device=dev)
-    _chunk_scan_bwd_db[(bch, nm)](
-        x, dt, dacs, B, C, dcs, dy, dB_h, da_b, *d.common(), *strides, PREC=prec, **blocks,
-        **d.grad_opts,
+    kernel, opts = _launch(_chunk_scan_bwd_db, d.grad_opts)
+    kernel[grid_q](
+        x, dt, dacs, B, C, dcs, dy, dB_q, da_b, *d.common(), *strides, HEADS=heads,
+        PREC=prec, **gblocks, **opts,
     )  # fmt: skip
 
     # 8. Reverse cumsum of d(dA_cumsum) -> ddt, dA.
@@ -1106,9 +1187,9 @@ def ssd_triton_bwd(
     )  # fmt: skip
 
     # Small reductions in PyTorch: groups, dA partials, dD.
-    gshape = (d.batch, d.seqlen, d.ngroups, d.heads_per_group, d.dstate)
-    dB = dB_h.view(gshape).sum(3).to(B.dtype)
-    dC = dC_h.view(gshape).sum(3).to(C.dtype)
+    gshape = (d.batch, d.seqlen, d.ngroups, d.heads_per_group // heads, d.dstate)
+    dB = dB_q.view(gshape).sum(3).to(B.dtype)
+    dC = dC_q.view(gshape).sum(3).to(C.dtype)
     dA = dA_part.sum((0, 2)).to(A.dtype)
     dD = None
     if D is not None:

@@ -158,3 +158,32 @@ print("ok")
 )
 def test_mma_kinds(ptx: str, want: str) -> None:
     assert mma_kinds(ptx) == want
+
+
+def test_autotune_is_opt_in_keyed_on_shape_and_its_space_compiles() -> None:
+    """ILM_KERNELS_AUTOTUNE=1 wraps the chunk-scan kernels in triton.autotune keyed on the
+    shape; by default the pinned configuration runs. Every config of the tuning space compiles
+    for sm_90a within the shared-memory limit at the 1.3B bf16 shapes (forward kernel)."""
+    code = """
+import os, torch
+from ilm_kernels import ssd_triton as S
+from ilm_kernels.report import SHAPES_1P3B, SHARED_LIMIT_SM90, compile_launch, problem_launches
+fn, opts = S._launch(S._chunk_scan_fwd, {"num_warps": 8, "num_stages": 2})
+assert fn is S._chunk_scan_fwd and opts == {"num_warps": 8, "num_stages": 2}
+os.environ[S.AUTOTUNE_ENV] = "1"
+tuned, opts = S._launch(S._chunk_scan_fwd, {"num_warps": 8})
+assert opts == {} and list(tuned.keys) == S.TUNE_KEY and len(tuned.configs) == len(S.TUNE_SPACE)
+assert S._launch(S._chunk_scan_fwd, {})[0] is tuned  # wrapped once
+del os.environ[S.AUTOTUNE_ENV]
+launch = [la for la in problem_launches(SHAPES_1P3B, torch.bfloat16)["ssd_fwd"]
+          if la.name == "_chunk_scan_fwd"][0]
+for warps, stages in S.TUNE_SPACE:
+    launch.kwargs.update(num_warps=warps, num_stages=stages)
+    row = compile_launch(launch)
+    assert row["shared_bytes"] <= SHARED_LIMIT_SM90 and row["mma"] == "wgmma.bf16", row
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_compiled_env()
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -335,3 +335,17 @@ def test_fp32_precision_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FP32_PRECISION_ENV, "fp64")
     with pytest.raises(ValueError, match="ILM_KERNELS_FP32_PRECISION='fp64'"):
         fp32_precision()
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("g", [1, 2])
+def test_db_dc_summed_over_heads_in_kernel(monkeypatch: pytest.MonkeyPatch, heads, g) -> None:
+    """dB/dC programs that each sum `heads` heads of a group (the GPU choice is up to 8; the
+    interpreter uses the whole group): every slice count gives the reference gradients."""
+    from ilm_kernels import ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "_heads_per_program", lambda dims, programs: heads)
+    inputs = make_inputs(2, 29, 4, 4, g, 8, "h", True, seed=5)
+    ref, tri = run_both(inputs, 16, torch.float32, True)
+    errs = {k: rel_err(tri[k], ref[k]) for k in ref}
+    assert max(errs.values()) <= 1e-4, errs

@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+    os.environ.pop("ILM_KERNELS_AUTOTUNE", None)  # report the pinned launch configurations
     arch = _arch(args.arch)
     dtypes = _list(args.dtypes, ("bfloat16", "float16", "float32"), "--dtypes")
     groups = _list(args.groups, GROUPS, "--groups")
