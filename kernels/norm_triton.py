@@ -68,11 +68,14 @@ def _rms_fwd_kernel(
     ngroups,
     group_size,
     eps,
+    stride_x,
+    stride_g,
     HAS_GATE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(r, BLOCK_R), ngroups); x, gate, y contiguous (r, d); rstd (r, ngroups) fp32."""
+    """Grid (cdiv(r, BLOCK_R), ngroups); x, gate (r, d) with row strides ``stride_x``,
+    ``stride_g`` (unit column stride); y contiguous (r, d); rstd (r, ngroups) fp32."""
     row0 = tl.program_id(0) * BLOCK_R
     rel = tl.arange(0, BLOCK_R)
     grp = tl.program_id(1)
@@ -83,10 +86,14 @@ def _rms_fwd_kernel(
     mask = rmask[:, None] & kmask[None, :]
     base = _row_base(row0, d)  # int64: (r, d) may pass 2**31 elements
     off = rel[:, None] * d + cols[None, :]
+    x_off = rel[:, None] * stride_x + cols[None, :]
 
-    xg = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
+    xg = tl.load(x_ptr + _row_base(row0, stride_x) + x_off, mask=mask, other=0.0)
+    xg = xg.to(tl.float32)
     if HAS_GATE:
-        g = tl.load(g_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
+        g_off = rel[:, None] * stride_g + cols[None, :]
+        g = tl.load(g_ptr + _row_base(row0, stride_g) + g_off, mask=mask, other=0.0)
+        g = g.to(tl.float32)
         xg = xg * g * tl.sigmoid(g)
     rstd = 1.0 / tl.sqrt(tl.sum(xg * xg, axis=1) / group_size + eps)  # (BLOCK_R,)
     w = tl.load(w_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
@@ -109,6 +116,9 @@ def _rms_bwd_kernel(
     d,
     ngroups,
     group_size,
+    stride_dy,
+    stride_x,
+    stride_g,
     HAS_GATE: tl.constexpr,
     NEED_DW: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -135,16 +145,22 @@ def _rms_bwd_kernel(
         rmask = rel < rows - row0
         mask = rmask[:, None] & kmask[None, :]
         base = _row_base(row0, d)  # int64: (r, d) may pass 2**31 elements
-        x = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
+        x_off = rel[:, None] * stride_x + cols[None, :]
+        x = tl.load(x_ptr + _row_base(row0, stride_x) + x_off, mask=mask, other=0.0)
+        x = x.to(tl.float32)
         xg = x
         if HAS_GATE:
-            g = tl.load(g_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
+            g_off = rel[:, None] * stride_g + cols[None, :]
+            g = tl.load(g_ptr + _row_base(row0, stride_g) + g_off, mask=mask, other=0.0)
+            g = g.to(tl.float32)
             sig = tl.sigmoid(g)
             xg = x * g * sig
         rstd = tl.load(
             rstd_ptr + _row_base(row0, ngroups) + rel * ngroups + grp, mask=rmask, other=0.0
         )
-        dy = tl.load(dy_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
+        dy_off = rel[:, None] * stride_dy + cols[None, :]
+        dy = tl.load(dy_ptr + _row_base(row0, stride_dy) + dy_off, mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
         xhat = xg * rstd[:, None]
         u = dy * w[None, :]
         c = tl.sum(u * xhat, axis=1) / group_size
@@ -164,7 +180,7 @@ def _rms_bwd_kernel(
 def _prepare(
     x: Tensor, gate: Tensor | None, weight: Tensor, group_size: int | None
 ) -> tuple[Tensor, Tensor | None, int, int, int]:
-    """Validate; return (x2d, gate2d, rows, d, group_size) with contiguous (r, d) views."""
+    """Validate; return (x2d, gate2d, rows, d, group_size), (r, d) with unit column stride."""
     d = x.shape[-1]
     if group_size is None:
         group_size = d
@@ -177,9 +193,16 @@ def _prepare(
     for t in (x, gate, weight):
         if t is not None and t.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"triton rms norm supports {_KERNEL_DTYPES}, got {t.dtype}")
-    x2 = x.reshape(-1, d).contiguous()
-    g2 = None if gate is None else gate.reshape(-1, d).contiguous()
+    x2 = _rows(x, d)
+    g2 = None if gate is None else _rows(gate, d)
     return x2, g2, x2.shape[0], d, group_size
+
+
+def _rows(t: Tensor, d: int) -> Tensor:
+    """``t`` as an (r, d) tensor with unit column stride, a view where one exists (e.g. the
+    gate slice of Mamba2's in_proj output): the kernels take the row stride, no copy."""
+    t2 = t.reshape(-1, d)
+    return t2 if t2.stride(-1) == 1 or d == 1 else t2.contiguous()
 
 
 def rms_norm_forward(
@@ -215,6 +238,8 @@ def rms_norm_forward(
             ngroups,
             gs,
             float(eps),
+            x2.stride(0),
+            x2.stride(0) if g2 is None else g2.stride(0),
             HAS_GATE=g2 is not None,
             BLOCK_R=block_r,
             BLOCK_N=block_n,
@@ -244,7 +269,7 @@ def rms_norm_backward(
     """
     x2, g2, rows, d, gs = _prepare(x, gate, weight, group_size)
     ngroups = d // gs
-    dy2 = dy.reshape(-1, d).contiguous()
+    dy2 = _rows(dy, d)
     block_n = triton.next_power_of_2(gs)
     block_r = _block_r(rows, block_n)
     nprog = min(triton.cdiv(rows, block_r), _row_programs(x.device))
@@ -265,6 +290,9 @@ def rms_norm_backward(
             d,
             ngroups,
             gs,
+            dy2.stride(0),
+            x2.stride(0),
+            x2.stride(0) if g2 is None else g2.stride(0),
             HAS_GATE=g2 is not None,
             NEED_DW=need_dweight,
             BLOCK_R=block_r,

@@ -139,6 +139,18 @@ for call in (lambda: ssd_triton_fwd(x, dt, A, B, C, 32),
         if la.name == "_chunk_state":
             assert args["y_ptr"] is (B if la.kwargs["MODE"] == 0 else C)
 assert checked >= 12, checked
+from ilm_kernels.norm_triton import rms_norm_backward, rms_norm_forward
+zx = torch.empty(b, l, 2 * h * p, dtype=torch.bfloat16, device="meta")
+xn, gate = zx[..., : h * p], zx[..., h * p :]
+w = torch.empty(h * p, device="meta")
+rstd = torch.empty(b * l, 1, device="meta")
+for call in (lambda: rms_norm_forward(xn, gate, w, 1e-5),
+             lambda: rms_norm_backward(xn, xn, gate, w, rstd)):
+    with capture_launches() as launches:
+        call()
+    args = dict(zip(launches[0].fn.arg_names, launches[0].args))
+    for name in ("x_ptr", "g_ptr") + (("dy_ptr",) if "dy_ptr" in args else ()):
+        assert args[name]._base is zx, (name, args[name].stride())
 print("ok")
 """
     out = subprocess.run(

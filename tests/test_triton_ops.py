@@ -456,3 +456,23 @@ def test_base_offsets_are_int64_past_2_31() -> None:
         want = i * si + j * sj + k * sk
         assert out.tolist() == [want, want, j * sj], (out.tolist(), want)
         assert want > 2**31
+
+
+def test_gated_rms_norm_reads_strided_views() -> None:
+    """x and gate as column slices of one wider tensor (Mamba2's in_proj output): the same
+    values and gradients as contiguous copies."""
+    gen = torch.Generator().manual_seed(11)
+    packed = randn(gen, 2, 5, 40)
+    weight = 1.0 + randn(gen, 16)
+    outs = []
+    for contiguous in (False, True):
+        src = packed.detach().clone().requires_grad_()
+        w = weight.detach().clone().requires_grad_()
+        x, gate = src[..., 3:19], src[..., 20:36]
+        if contiguous:
+            x, gate = x.contiguous(), gate.contiguous()
+        y = gated_rms_norm_op(x, gate, w, 1e-5, 8, backend="triton")
+        (y * torch.arange(y.numel(), device=y.device).view_as(y).cos()).sum().backward()
+        outs.append((y, src.grad, w.grad))
+    for got, want in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

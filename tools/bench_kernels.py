@@ -281,12 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cuda:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
-    try:
-        import triton
+    import importlib.metadata
 
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
+    for package in ("triton", "mamba-ssm", "causal-conv1d"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
     report = {
         "tool": PROG,
         "date": now_iso(),
