@@ -147,6 +147,16 @@ def dump_json(obj: Any) -> str:
     return json.dumps(obj, indent=2)
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (parents created): a
+    reader sees the old file or the whole new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def display_path(path: str | Path) -> str:
     """``path`` relative to the repository root when inside it, else as given."""
     p = Path(path)

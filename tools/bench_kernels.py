@@ -22,10 +22,9 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from _common import dump_json, fail, machine_info, now_iso, positive_int
+from _common import dump_json, fail, machine_info, now_iso, positive_int, write_atomic
 
 PROG = "bench_kernels.py"
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
@@ -321,10 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     text = dump_json(report)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.output + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.output)
+        write_atomic(args.output, text + "\n")
     if args.json:
         print(text)
     else:

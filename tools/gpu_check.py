@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import now_iso
+from _common import now_iso, write_atomic
 
 PROG = "gpu_check"
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,13 +261,6 @@ def summary_md(info: dict[str, Any], steps: list[Step]) -> str:
         lines += ["", "SSD scan (ms, median): " + json.dumps(bench.get("results", {}))]
         lines += ["", "Speedups: " + json.dumps(bench.get("speedups", {}))]
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

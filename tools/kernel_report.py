@@ -25,10 +25,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from _common import dump_json, fail, now_iso
+from _common import dump_json, fail, now_iso, write_atomic
 
 PROG = "kernel_report.py"
 GROUPS = (
@@ -109,10 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     text = dump_json(report)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.output + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.output)
+        write_atomic(args.output, text + "\n")
     if args.json:
         print(text)
     else:
