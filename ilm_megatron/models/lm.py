@@ -37,6 +37,7 @@ from ilm_megatron.parallel.tensor_parallel import (
     VocabParallelEmbedding,
     set_tp_layout,
     vocab_parallel_logits,
+    vocab_parallel_logits_local,
 )
 
 
@@ -117,9 +118,10 @@ class ImplicitLM(nn.Module):
             return e, None
         return e, self.injection(self.injection_norm(e))
 
-    def head(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (..., d) -> logits (..., padded_vocab)."""
-        return lm_logits(z, self.embedding, self.lm_head)
+    def head(self, z: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """z: (..., d) -> logits (..., padded_vocab); under TP with ``gather=False`` this
+        rank's columns (..., padded_vocab / tp)."""
+        return lm_logits(z, self.embedding, self.lm_head, gather=gather)
 
     def stack_fn(self, u: torch.Tensor | None):
         """``F(., u)`` as a one-argument callable for the solvers."""
@@ -152,7 +154,11 @@ class ImplicitLM(nn.Module):
 
     # ------------------------------------------------------------------ simultaneous mode
     def forward(
-        self, ids: torch.Tensor, max_iter: int | None = None, solver: SolverConfig | None = None
+        self,
+        ids: torch.Tensor,
+        max_iter: int | None = None,
+        solver: SolverConfig | None = None,
+        gather_logits: bool = True,
     ) -> LMOutput:
         """Simultaneous mode over the whole sequence.
 
@@ -161,6 +167,8 @@ class ImplicitLM(nn.Module):
             max_iter: override of the solver cap (training: ``f_max_iter``; eval: the eval cap).
             solver: the training solve's settings for this call (the curriculum phase's);
                 default ``self.solver_config``. Evaluation always uses ``self.solver_config``.
+            gather_logits: False under TP returns this rank's logits columns
+                (b, l, padded_vocab / tp), for a vocab-parallel loss.
 
         Returns:
             :class:`LMOutput` with logits (b, l, padded_vocab) and solver statistics. In training
@@ -169,7 +177,7 @@ class ImplicitLM(nn.Module):
         e, u = self.embed(ids)
         if not self.implicit:
             z, _ = self.stack(e)
-            return LMOutput(self.head(z), _explicit_stats(ids), hidden=z)
+            return LMOutput(self.head(z, gather_logits), _explicit_stats(ids), hidden=z)
         s = self.solver_config if solver is None else solver
         f = self.stack_fn(u)
         z0 = self.initial_iterate(e)
@@ -186,7 +194,7 @@ class ImplicitLM(nn.Module):
         else:
             with self.cached_weights():
                 z, stats = self.solve_eval(f, z0, max_iter)
-        return LMOutput(self.head(z), stats, hidden=z)
+        return LMOutput(self.head(z, gather_logits), stats, hidden=z)
 
     def initial_iterate(self, e: torch.Tensor) -> torch.Tensor:
         """The solver's starting point z0 for embeddings e (..., d): zeros, or e itself
@@ -353,14 +361,20 @@ class ImplicitLM(nn.Module):
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def lm_logits(z: torch.Tensor, embedding: nn.Module, lm_head: nn.Module | None) -> torch.Tensor:
+def lm_logits(
+    z: torch.Tensor, embedding: nn.Module, lm_head: nn.Module | None, gather: bool = True
+) -> torch.Tensor:
     """The LM head: z (..., d) -> logits (..., padded_vocab), the tied embedding when no head.
 
-    Under TP the vocabulary is split (:class:`VocabParallelEmbedding`, a column-parallel head)
-    and each rank's logits slice is gathered, so every rank gets the whole logits.
+    Under TP the vocabulary is split (:class:`VocabParallelEmbedding`, a column-parallel head):
+    each rank's logits slice is gathered, so every rank gets the whole logits, or with
+    ``gather=False`` each rank returns its columns (..., padded_vocab / tp) for a vocab-parallel
+    loss (training: no rank holds full-vocabulary logits).
     """
     weight = lm_head.weight if lm_head is not None else embedding.weight
     if getattr(embedding, "tp", 1) > 1 or getattr(lm_head, "tp", 1) > 1:
+        if not gather:
+            return vocab_parallel_logits_local(z, weight)
         return vocab_parallel_logits(z, weight)
     return F.linear(z, weight) if lm_head is None else lm_head(z)
 

@@ -119,11 +119,12 @@ class PipelineStage(nn.Module):
             z = upcast(self.final_norm(z))
         return z
 
-    def head(self, z: torch.Tensor) -> torch.Tensor:
-        """Last stage: z (..., d) -> logits (..., padded_vocab) (gathered over TP)."""
+    def head(self, z: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """Last stage: z (..., d) -> logits (..., padded_vocab) gathered over TP, or with
+        ``gather=False`` this TP rank's columns (..., padded_vocab / tp)."""
         from ilm_megatron.models.lm import lm_logits
 
-        return lm_logits(z, self.embedding, self.lm_head)
+        return lm_logits(z, self.embedding, self.lm_head, gather=gather)
 
     @property
     def device(self) -> torch.device:
@@ -324,6 +325,7 @@ def pipeline_forward_backward(
     autocast: Callable[[], AbstractContextManager] | None = None,
     group: dist.ProcessGroup | None = None,
     evaluate: bool = False,
+    gather_logits: bool = True,
 ) -> tuple[list[torch.Tensor], PipelineStats]:
     """Solve, phantom steps and backward of ``N`` micro-batches on a ring of ``P`` stages.
 
@@ -355,6 +357,9 @@ def pipeline_forward_backward(
         evaluate: the evaluation solve instead of training: the solve only (``cfg``'s cap and
             tolerance: pass the eval ones), then the head on each micro-batch's best iterate, as
             the single-process model's training-rule eval solve; no phantom steps, no backward.
+        gather_logits: False hands ``loss_fn`` this TP rank's logits columns (b, l, V' / tp)
+            for a vocab-parallel loss (:func:`~ilm_megatron.parallel.tensor_parallel.
+            vocab_parallel_cross_entropy`) instead of the gathered (b, l, V').
 
     Returns:
         ``(losses, stats)``: on the last stage the N detached, unscaled losses; [] elsewhere.
@@ -513,7 +518,7 @@ def pipeline_forward_backward(
                 stats.iters[i] = step
                 if done and evaluate:
                     with torch.no_grad(), timer, amp():
-                        logits = stage.head(mb.best)
+                        logits = stage.head(mb.best, gather=gather_logits)
                         mb.loss = loss_fn(logits, targets_microbatches[i])
                     if keep_logits:
                         mb.logits = logits
@@ -537,7 +542,7 @@ def pipeline_forward_backward(
             else:
                 tgt = targets_microbatches[i]
                 with torch.enable_grad(), timer, amp():
-                    logits = stage.head(zj)
+                    logits = stage.head(zj, gather=gather_logits)
                     mb.loss = loss_fn(logits, tgt)
                 if keep_logits:
                     mb.logits = logits.detach()

@@ -215,6 +215,101 @@ def vocab_parallel_logits(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return gather_from_tp_region(F.linear(copy_to_tp_region(z), weight))
 
 
+def vocab_parallel_logits_local(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """z (..., d) replicated, weight (V / tp, d) -> this rank's logits columns (..., V / tp)."""
+    return F.linear(copy_to_tp_region(z), weight)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of vocabulary-sharded logits, without gathering them.
+
+    Rank r holds columns ``[r * Vl, (r + 1) * Vl)`` of the padded vocabulary. Three all-reduces
+    of (N,) vectors over the TP group (max, sum of exponentials, target logit) replace the
+    all-gather of (N, V) logits; backward is local: ``softmax - onehot(target)`` on this rank's
+    columns. Columns at or past ``vocab`` (padding) take no probability.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, vocab, ignore_index):  # type: ignore[override]
+        n, vl = logits.shape
+        start = tp_rank() * vl
+        group = tp_group()
+        x = logits.to(torch.float32, copy=True)  # the one (N, V / tp) buffer: softmax below
+        if start + vl > vocab:
+            x[:, max(0, vocab - start) :] = float("-inf")
+        m = x.max(dim=-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        x.sub_(m[:, None])
+        local_t = targets - start
+        own = (local_t >= 0) & (local_t < vl)
+        idx = local_t.clamp(0, vl - 1)
+        t_logit = torch.where(own, x.gather(1, idx[:, None])[:, 0], 0.0)
+        x.exp_()  # x now holds exp(logit - max)
+        sum_e = x.sum(dim=-1)
+        both = torch.stack([sum_e, t_logit])
+        dist.all_reduce(both, group=group)
+        sum_e, t_logit = both[0], both[1]
+        keep = targets != ignore_index
+        loss = torch.where(keep, torch.log(sum_e) - t_logit, 0.0)
+        x.div_(sum_e[:, None])  # softmax, kept for backward (this rank's columns only)
+        ctx.save_for_backward(x, idx, own & keep, keep)
+        ctx.in_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        softmax, idx, own, keep = ctx.saved_tensors
+        g = torch.where(keep, g, 0.0)
+        grad = softmax.mul_(g[:, None])  # in place: the saved softmax is not needed again
+        grad.scatter_add_(1, idx[:, None], torch.where(own, -g, 0.0)[:, None])  # no host sync
+        return grad.to(ctx.in_dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, vocab: int, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean token cross-entropy of this rank's logits columns, as ``F.cross_entropy`` on the
+    gathered ``logits[..., :vocab]`` with ``ignore_index`` -- no rank builds (..., V) logits.
+
+    Args:
+        logits: (..., V / tp) this rank's columns of the padded vocabulary (any float dtype).
+        targets: (...) global token ids; ``ignore_index`` entries do not count.
+        vocab: the real vocabulary size (columns at or past it are padding).
+
+    Returns:
+        The scalar mean over the counted targets (NaN when none count, like F.cross_entropy).
+    """
+    if tp_world_size() == 1:
+        return F.cross_entropy(
+            logits[..., :vocab].flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index
+        )
+    flat = logits.flatten(0, -2)
+    t = targets.flatten()
+    per_token = _VocabParallelCrossEntropy.apply(flat, t, vocab, ignore_index)
+    return per_token.sum() / (t != ignore_index).sum()
+
+
+def vocab_parallel_argmax(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Global argmax ids (...) of vocabulary-sharded logits (..., V / tp), ties to the lowest
+    id as ``torch.argmax`` on the gathered ``logits[..., :vocab]``; (N, tp) values move."""
+    if tp_world_size() == 1:
+        return logits[..., :vocab].argmax(-1)
+    vl = logits.shape[-1]
+    start = tp_rank() * vl
+    x = logits.detach().float()
+    if start + vl > vocab:
+        x = x.clone()
+        x[..., max(0, vocab - start) :] = float("-inf")
+    val, idx = x.max(dim=-1)
+    pair = torch.stack([val, (idx + start).to(val.dtype)])
+    parts = [torch.empty_like(pair) for _ in range(tp_world_size())]
+    dist.all_gather(parts, pair.contiguous(), group=tp_group())
+    vals = torch.stack([p[0] for p in parts])  # (tp, ...)
+    ids = torch.stack([p[1] for p in parts])
+    best = vals.argmax(dim=0, keepdim=True)  # first rank holding the maximum = lowest id
+    return ids.gather(0, best)[0].long()
+
+
 class RowParallelLinear(nn.Module):
     """Input-sharded linear layer: (..., in / tp) local -> (..., out) replicated (1 all-reduce)."""
 

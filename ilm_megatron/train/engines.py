@@ -42,6 +42,10 @@ from torch import nn
 from ilm_megatron.config import Config, SolverConfig
 from ilm_megatron.implicit.solver import SolverStats
 from ilm_megatron.models.lm import ImplicitLM, build_model
+from ilm_megatron.parallel.tensor_parallel import (
+    vocab_parallel_argmax,
+    vocab_parallel_cross_entropy,
+)
 from ilm_megatron.train.checkpoint import (
     _step_dir,
     _write_text_atomic,
@@ -60,15 +64,26 @@ from ilm_megatron.train.checkpoint import (
 from ilm_megatron.train.data import IGNORE
 
 
-def token_loss(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Cross-entropy over aligned targets (no shift). logits (b, l, V'), targets (b, l)."""
+def token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, vocab: int, sharded: bool = False
+) -> torch.Tensor:
+    """Cross-entropy over aligned targets (no shift). logits (b, l, V'), targets (b, l).
+
+    ``sharded``: ``logits`` are this TP rank's vocabulary columns (b, l, V' / tp); the loss is
+    the vocab-parallel cross-entropy (no rank gathers the whole logits).
+    """
+    if sharded:
+        return vocab_parallel_cross_entropy(logits, targets, vocab, IGNORE)
     return F.cross_entropy(logits[..., :vocab].flatten(0, 1).float(), targets.flatten())
 
 
-def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> float:
+def token_accuracy(
+    logits: torch.Tensor, targets: torch.Tensor, vocab: int, sharded: bool = False
+) -> float:
     """Argmax accuracy over the targets that count (``-100`` targets are ignored)."""
     keep = targets != IGNORE
-    hits = (logits[..., :vocab].argmax(-1) == targets) & keep
+    pred = vocab_parallel_argmax(logits, vocab) if sharded else logits[..., :vocab].argmax(-1)
+    hits = (pred == targets) & keep
     return hits.sum().item() / max(1, keep.sum().item())
 
 
@@ -403,6 +418,8 @@ class Engine:
         self.cfg = cfg
         self.device = device
         self.vocab = cfg.model.vocab_size
+        # training logits stay split over the TP ranks' vocabulary columns (vocab-parallel loss)
+        self.sharded_logits = False
         self.bf16 = use_bf16(cfg, device)
 
     def _microbatch_loss(
@@ -418,11 +435,12 @@ class Engine:
         """Forward of one micro-batch x, y (b, l) under autocast with the step's ``solver``
         settings -> its loss (scalar, with autograd); appends the loss, the accuracy and the
         solver statistics to the lists."""
+        sharded = self.sharded_logits
         with self.autocast():
-            out = self.model(x, solver=solver)  # type: ignore[attr-defined]
-            loss = hook(token_loss(out.logits, y, self.vocab))
+            out = self.model(x, solver=solver, gather_logits=not sharded)  # type: ignore
+            loss = hook(token_loss(out.logits, y, self.vocab, sharded))
         losses.append(loss.item())
-        accs.append(token_accuracy(out.logits, y, self.vocab))
+        accs.append(token_accuracy(out.logits, y, self.vocab, sharded))
         stats.append(out.stats)
         return loss
 
@@ -901,6 +919,7 @@ class ParallelEngine(_DistributedBase):
         self.ps = ps
         par = cfg.parallel
         self.tp, self.pp = par.tp, par.pp
+        self.sharded_logits = self.tp > 1
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.name = f"TP={self.tp}, PP={self.pp}, DP={self.dp_size}" + (
@@ -978,10 +997,12 @@ class ParallelEngine(_DistributedBase):
         else:
             from ilm_megatron.parallel.pipeline import pipeline_forward_backward
 
+            sharded = self.sharded_logits
+
             def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-                loss = hook(token_loss(logits, targets, self.vocab))
+                loss = hook(token_loss(logits, targets, self.vocab, sharded))
                 losses.append(loss.item())
-                accs.append(token_accuracy(logits, targets, self.vocab))
+                accs.append(token_accuracy(logits, targets, self.vocab, sharded))
                 return loss
 
             _, pstats = pipeline_forward_backward(
@@ -996,6 +1017,7 @@ class ParallelEngine(_DistributedBase):
                 loss_scale=1.0 / mb,
                 autocast=self.autocast,  # forward compute only, never the backward
                 group=self.ring_group,
+                gather_logits=not sharded,
             )
             stats = pstats.solver
         self._reduce_data_parallel()
