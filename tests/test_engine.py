@@ -110,14 +110,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_nan_steps_are_skipped_then_fatal(tmp_path, monkeypatch):
-    from ilm_megatron.train import engines
+    from ilm_megatron.train.engines import base as engines  # Engine._microbatch_loss's loss
 
     real = engines.token_loss
     calls = {"n": 0}
 
-    def flaky(logits, targets, vocab):
+    def flaky(logits, targets, vocab, sharded=False):
         calls["n"] += 1
-        loss = real(logits, targets, vocab)
+        loss = real(logits, targets, vocab, sharded)
         return loss * float("nan") if calls["n"] in (2, 3) else loss
 
     monkeypatch.setattr(engines, "token_loss", flaky)

@@ -28,7 +28,7 @@ from _dist import records, torchrun_train
 
 from ilm_megatron.config import load_config
 from ilm_megatron.train import checkpoint as ckpt
-from ilm_megatron.train import engines
+from ilm_megatron.train.engines import local as engines  # LocalEngine's merge_stats
 from ilm_megatron.train.loop import train
 
 pytestmark = pytest.mark.slow

@@ -149,8 +149,8 @@ def run(args: argparse.Namespace) -> dict:
     from ilm_megatron.config import load_config
 
     warnings.filterwarnings("ignore")
+    from ilm_megatron.train.device import resolve_device
     from ilm_megatron.train.engines import use_bf16
-    from ilm_megatron.train.loop import resolve_device
     from ilm_megatron.train.metrics import flops_per_token, peak_tflops
 
     base = load_config([args.config] if args.config else [], args.overrides)

@@ -229,7 +229,7 @@ def deepspeed_config(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     switches off an autocast entered outside it). Gradients are reduced in fp32
     (``lower_precision_safe_modules`` empty).
     """
-    from ilm_megatron.train.engines import use_bf16
+    from ilm_megatron.train.device import use_bf16
 
     par, t = cfg.parallel, cfg.train
     bf16 = use_bf16(cfg, ctx.device)

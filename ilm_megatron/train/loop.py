@@ -52,14 +52,6 @@ class TrainResult:
     final: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available on this machine")
-    return torch.device(name)
-
-
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` or, with ``lr_schedule=wsd``,
     warmup-stable-decay: constant, then linear decay over the last ``decay_fraction`` of steps."""

@@ -1,0 +1,414 @@
+"""Tensor x pipeline x data parallelism over Megatron-Core's process groups."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ilm_megatron.config import Config, SolverConfig
+from ilm_megatron.implicit.solver import SolverStats
+from ilm_megatron.models.lm import ImplicitLM, build_model
+from ilm_megatron.train.checkpoint import (
+    check_architecture,
+    init_from_checkpoint,
+    load_state,
+    save_state_dict,
+)
+from ilm_megatron.train.engines.base import (
+    EvalShare,
+    StepOutput,
+    _DistributedBase,
+    _refuse_deepspeed_checkpoint,
+    _state_of_dp_rank,
+    merge_stats,
+    save_distributed_checkpoint,
+)
+from ilm_megatron.train.losses import token_accuracy, token_loss
+from ilm_megatron.train.optim import (
+    OPTIMIZER_FILE,
+    ShardedAdamW,
+    adamw_state_by_name,
+    adamw_state_from_single_process,
+    load_adamw_state_by_name,
+    local_adamw_state,
+    new_optimizer,
+)
+
+
+class ParallelEngine(_DistributedBase):
+    """Tensor x pipeline x data parallelism on Megatron-Core's process groups (no ZeRO).
+
+    Every rank builds the single-process model from ``train.seed`` on the CPU (so a run starts
+    from the same weights whatever the layout) and keeps its tensor-parallel shard of the whole
+    model; with ``pp > 1`` it trains the parameters of its pipeline stage only. Checkpoints are
+    layout-free (``model.safetensors`` and ``optimizer.pt``: the whole model and its AdamW state,
+    written by rank 0), plus each rank's data position; a run resumes at any layout.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        from megatron.core import parallel_state as ps
+
+        from ilm_megatron.parallel.checkpoint import load_full_state_dict
+        from ilm_megatron.parallel.state import pipeline_ring_group, pp_global_ranks
+
+        super().__init__(cfg)
+        self.ps = ps
+        par = cfg.parallel
+        self.tp, self.pp = par.tp, par.pp
+        self.sharded_logits = self.tp > 1
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.name = f"TP={self.tp}, PP={self.pp}, DP={self.dp_size}" + (
+            f", ZeRO-{par.zero_stage}" if par.zero_stage else ""
+        )
+        self.local_cfg = dataclasses.replace(cfg.model, backend="local")
+        self.save_cfg = dataclasses.replace(cfg, model=self.local_cfg)  # files are layout-free
+        torch.manual_seed(cfg.train.seed)
+        full = build_model(self.local_cfg, cfg.solver)
+        init_from_checkpoint(full, dataclasses.replace(cfg, model=self.local_cfg))
+        self._n_params = sum(p.numel() for p in full.parameters())
+        self.model = build_model(cfg.model, cfg.solver)  # on the CPU: this rank's TP shard
+        load_full_state_dict(self.model, full.state_dict())
+        del full
+        self.model.train()
+        self.stage = None
+        params: list[nn.Parameter] = list(self.model.parameters())
+        if self.pp > 1:
+            from ilm_megatron.parallel.pipeline import split_model_into_stages
+
+            self.stage = split_model_into_stages(self.model, self.pp_rank, self.pp)
+            # only this stage's parameters go to the device (the other stages' copies stay on
+            # the CPU, untouched), so device memory holds W / (tp * pp) of the weights
+            self.stage.to(self.device)
+            params = list(self.stage.parameters())
+            self.pp_ranks = pp_global_ranks()
+            self.ring_group = pipeline_ring_group()  # gloo, whatever the main backend
+        else:
+            self.model.to(self.device)
+        self.params = params
+        owned = {id(p) for p in params}
+        self.named = [(n, p) for n, p in self.model.named_parameters() if id(p) in owned]
+        # ZeRO-1 (parallel.zero_stage=1): AdamW state sharded over the data-parallel group
+        self.zero = cfg.parallel.zero_stage == 1 and self.dp_size > 1
+        if self.zero:
+            self.opt: Any = ShardedAdamW(
+                self.named, cfg, ps.get_data_parallel_group(), self.dp_rank, self.dp_size
+            )
+        else:
+            self.opt = new_optimizer(self.named, cfg)
+        self.is_last_stage = self.pp_rank == self.pp - 1
+        # parameters whose gradient enters the global norm on this rank: every TP shard, a
+        # replicated parameter on TP rank 0 only, the tied embedding on the first stage only
+        from ilm_megatron.parallel.tensor_parallel import get_tp_layout
+
+        first_ids = set()
+        if self.stage is not None and self.stage.tied and self.is_last_stage:
+            first_ids = {id(self.model.embedding.weight)}
+        self.norm_params = [
+            p
+            for p in params
+            if (get_tp_layout(p) is not None or self.tp_rank == 0) and id(p) not in first_ids
+        ]
+        self._eval: ImplicitLM | None = None
+
+    def describe(self) -> str:
+        mb = self.cfg.parallel.microbatches
+        return f"{self.world_size} x {self.device} ({self.name}, {mb} microbatch(es))"
+
+    # ----------------------------------------------------------------- step
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, solver: SolverConfig, stop: bool, hook: Callable
+    ) -> StepOutput:
+        mb = self.cfg.parallel.microbatches
+        self.opt.zero_grad(set_to_none=True)
+        xs, ys = list(x.chunk(mb)), list(y.chunk(mb))
+        losses: list[float] = []
+        accs: list[float] = []
+        stats: list[SolverStats] = []
+        reports = self.is_last_stage and self.tp_rank == 0  # one reporter per DP replica
+        if self.stage is None:
+            for xc, yc in zip(xs, ys):
+                loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats, solver)
+                (loss / mb if mb > 1 else loss).backward()  # a NaN shows in the global norm
+        else:
+            from ilm_megatron.parallel.pipeline import pipeline_forward_backward
+
+            sharded = self.sharded_logits
+
+            def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+                loss = hook(token_loss(logits, targets, self.vocab, sharded))
+                losses.append(loss.item())
+                accs.append(token_accuracy(logits, targets, self.vocab, sharded))
+                return loss
+
+            _, pstats = pipeline_forward_backward(
+                self.stage,
+                xs if self.pp_rank == 0 else None,
+                ys if self.is_last_stage else None,
+                solver,
+                n_microbatches=mb,
+                in_flight=mb,
+                pp_ranks=self.pp_ranks,
+                loss_fn=loss_fn,
+                loss_scale=1.0 / mb,
+                autocast=self.autocast,  # forward compute only, never the backward
+                group=self.ring_group,
+                gather_logits=not sharded,
+            )
+            stats = pstats.solver
+        self._reduce_data_parallel()
+        gnorm = self._global_grad_norm()
+        applied = math.isfinite(gnorm)
+        if applied:
+            clip = self.cfg.train.clip_grad
+            if clip and gnorm > clip:
+                scale = clip / (gnorm + 1e-6)
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        # loss, accuracy and the stop flag summed over every rank (reporters only for the first two)
+        n_rep = len(losses) if reports else 0
+        lsum, asum, count, stops = self.all_reduce_sum(
+            [sum(losses) if reports else 0.0, sum(accs) if reports else 0.0, n_rep, float(stop)]
+        )
+        merged = self._share_stats(merge_stats(stats) if reports and stats else None, x.shape[0])
+        return StepOutput(
+            lsum / count if applied else float("nan"),
+            asum / count,
+            gnorm if applied else float("nan"),
+            applied,
+            merged,
+            stops > 0,
+        )
+
+    def _reduce_data_parallel(self) -> None:
+        """Average the gradients over the data-parallel group (one flat buffer)."""
+        if self.dp_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, group=self.ps.get_data_parallel_group())
+        flat /= self.dp_size
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
+            offset += g.numel()
+
+    def _global_grad_norm(self) -> float:
+        """L2 norm of the whole model's gradient (collective over the model-parallel group)."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.norm_params:
+            if p.grad is not None:
+                sq += p.grad.detach().double().pow(2).sum()
+        if self.tp * self.pp > 1:
+            torch.distributed.all_reduce(sq, group=self.ps.get_model_parallel_group())
+        return float(sq.sqrt())
+
+    def _share_stats(self, mine: SolverStats | None, batch: int) -> SolverStats:
+        """The solver statistics of the first replica's reporting rank, on every rank.
+
+        ``mine``: that rank's merged stats (None elsewhere); ``batch``: samples per DP rank.
+        """
+        source = mine is not None and self.dp_rank == 0
+        vec = torch.zeros(1 + 2 * batch, dtype=torch.float64)
+        if source:
+            vec[0] = mine.iters
+            vec[1 : 1 + batch] = mine.residual.double().cpu()
+            vec[1 + batch :] = mine.sample_iters.double().cpu()
+        vec = torch.tensor(self.all_reduce_sum(vec.tolist()), dtype=torch.float64)
+        return SolverStats(
+            int(vec[0]),
+            vec[1 : 1 + batch].float(),
+            vec[1 + batch :].long(),
+            self.model.solver_config.f_tol,
+        )
+
+    # ----------------------------------------------------------------- weights
+    def n_params(self) -> int:
+        return self._n_params
+
+    def flops_model(self) -> nn.Module:
+        with torch.device("meta"):
+            return build_model(self.local_cfg, self.cfg.solver)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The single-process state dict on rank 0 (None elsewhere). Collective.
+
+        Within a stage the TP shards are gathered, then the stages' parts are collected over the
+        pipeline group (:func:`~ilm_megatron.parallel.checkpoint.pipeline_full_state_dict`).
+        """
+        from ilm_megatron.parallel.checkpoint import pipeline_full_state_dict
+
+        sd = pipeline_full_state_dict(self.model, self.stage)
+        return sd if self.is_rank0 else None
+
+    def eval_share(self) -> EvalShare:
+        """Every rank evaluates with the model it trains, so no rank holds the whole model: each
+        DP replica takes its slice of every batch, its TP ranks run it together on their shards
+        (only TP rank 0's sums count), and under PP the slice's micro-batches go around the ring
+        with the evaluation solve (:meth:`_ring_eval`; the last stage's sums count). Only
+        ``solver.eval_solver=reference`` under PP, which the ring does not run, gathers the
+        weights onto rank 0, which evaluates alone. Collective."""
+        mb = self.eval_micro_batch()
+        if self.pp == 1:
+            return EvalShare(self.model, self.dp_rank, self.dp_size, self.tp_rank == 0, mb)
+        if self.cfg.solver.eval_solver == "train":  # the ring runs the training-rule solve
+            reports = self.is_last_stage and self.tp_rank == 0
+            return EvalShare(None, self.dp_rank, self.dp_size, reports, mb, self._ring_eval)
+        sd = self.full_state_dict()
+        if not self.is_rank0:
+            return EvalShare(None, 0, 1, False, mb)
+        if self._eval is None:
+            self._eval = build_model(self.local_cfg, self.model.solver_config).to(self.device)
+        self._eval.load_state_dict(sd)
+        self._eval.train(self.model.training)
+        return EvalShare(self._eval, 0, 1, True, mb)
+
+    def _ring_eval(
+        self,
+        xs: list[torch.Tensor],
+        ys: list[torch.Tensor],
+        max_iter: int | None,
+        on_logits: Callable,
+        on_stats: Callable,
+    ) -> None:
+        """Evaluation solve of micro-batches ``xs``/``ys`` (b, l) around the pipeline ring (the
+        eval cap ``max_iter`` or ``ceil(eval_max_iter_mult * f_max_iter)``, the eval tolerance);
+        the last stage reports each micro-batch's logits and solver statistics."""
+        from ilm_megatron.parallel.pipeline import pipeline_forward_backward
+
+        s = self.cfg.solver
+        cap = max_iter if max_iter is not None else math.ceil(s.eval_max_iter_mult * s.f_max_iter)
+        solver = dataclasses.replace(s, f_max_iter=cap, f_tol=s.eval_tol or s.f_tol)
+
+        def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            on_logits(logits, targets)
+            return logits.new_zeros(())
+
+        _, pstats = pipeline_forward_backward(
+            self.stage,
+            xs if self.pp_rank == 0 else None,
+            ys if self.is_last_stage else None,
+            solver,
+            n_microbatches=len(xs),
+            in_flight=len(xs),
+            pp_ranks=self.pp_ranks,
+            loss_fn=loss_fn,
+            group=self.ring_group,
+            evaluate=True,
+        )
+        for st in pstats.solver:
+            on_stats(st)
+
+    def export(self, path: Path) -> None:
+        sd = self.full_state_dict()
+        if self.is_rank0:
+            save_state_dict(sd, self.save_cfg, path)
+        self.barrier()
+
+    # ----------------------------------------------------------------- checkpoints
+    def _layout(self) -> dict[str, int]:
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp_size, "world_size": self.world_size}
+
+    def _gather_named(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Whole-model tensors named like parameters, from this stage's local shards, on rank 0.
+
+        Collective: the TP shards are joined inside each stage, then the first data-parallel
+        replica's stages send theirs to rank 0 over the pipeline group.
+        """
+        from ilm_megatron.parallel.checkpoint import gather_tensors
+
+        if self.dp_rank != 0:
+            return None
+        mine = {k: v.cpu() for k, v in gather_tensors(self.model, tensors).items()}
+        if self.pp == 1:
+            return mine if self.is_rank0 else None
+        if self.tp_rank != 0:
+            return None
+        parts: list[Any] | None = [None] * self.pp if self.is_rank0 else None
+        group = self.ps.get_pipeline_model_parallel_group()
+        torch.distributed.gather_object(mine, parts, dst=self.pp_ranks[0], group=group)
+        if parts is None:
+            return None
+        out: dict[str, torch.Tensor] = {}
+        for part in parts:  # a tied embedding comes from two stages, identical
+            for k, v in part.items():
+                out.setdefault(k, v)
+        return out
+
+    def save(self, ckpt_root: Path, state: dict) -> Path:
+        """``model.safetensors`` and ``optimizer.pt`` hold the whole model (layout-free, rank 0);
+        ``trainer-rankRRRRR.pt`` keeps each rank's data position (it differs per DP rank)."""
+        state = {**state, "layout": self._layout()}
+        sd = self.full_state_dict()
+        if self.zero:  # collective over the data-parallel group
+            local = self.opt.state_by_name()
+        else:
+            local = adamw_state_by_name(self.opt, self.named)
+        moments = {key: self._gather_named(local[key]) for key in ("exp_avg", "exp_avg_sq")}
+        steps: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(steps, local["step"])
+
+        def write_all(tmp: Path) -> None:
+            own = {**state, "dp_rank": self.dp_rank}
+            torch.save(own, tmp / f"trainer-rank{self.rank:05d}.pt")
+
+        def write_rank0(tmp: Path) -> None:
+            if self.is_rank0:
+                save_state_dict(sd, self.save_cfg, tmp / "model.safetensors")
+                step = {k: v for part in steps for k, v in part.items()}
+                torch.save({**moments, "step": step}, tmp / OPTIMIZER_FILE)
+                torch.save({**state, "dp_rank": 0}, tmp / "trainer.pt")
+
+        step = state["counters"]["step"]
+        return save_distributed_checkpoint(
+            self, ckpt_root, step, self.cfg.train.keep_last, write_all, write_rank0
+        )
+
+    def setup(self, data: Any, latest: Path | None) -> dict | None:
+        """Resume at this or any other TP/PP/DP layout, or from a single-process checkpoint.
+
+        The weights and AdamW moments are stored whole and re-sharded here. The data position:
+        at the same data-parallel size each rank takes the state saved by its DP rank (exact
+        resume); at another size only the word problem (one global batch stream) can continue.
+        """
+        from ilm_megatron.parallel.checkpoint import load_full_state_dict
+
+        if latest is None:
+            return None
+        _refuse_deepspeed_checkpoint(latest)
+        shared = torch.load(latest / "trainer.pt", weights_only=True)
+        saved = shared.get("layout") or {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
+        was = f"TP={saved['tp']}, PP={saved['pp']}, DP={saved['dp']}"
+        if saved["dp"] == self.dp_size:
+            state = _state_of_dp_rank(latest, self.dp_rank, shared)
+        elif self.cfg.data.task == "word_problem":
+            state = shared
+        else:
+            raise ValueError(
+                f"{latest} was written by {was}, now {self.name}: the {self.cfg.data.task} data "
+                f"position is per data-parallel rank, so resume with DP={saved['dp']} "
+                "(tensor and pipeline sizes may change)"
+            )
+        check_architecture(latest / "model.safetensors", self.cfg.model)
+        load_full_state_dict(self.model, load_state(latest / "model.safetensors"))
+        if (latest / OPTIMIZER_FILE).is_file():
+            full = torch.load(latest / OPTIMIZER_FILE, weights_only=True, mmap=True)
+        else:  # a single-process checkpoint: AdamW state by parameter index
+            full = adamw_state_from_single_process(self.model, shared["optimizer"])
+        if self.zero:
+            self.opt.sync_master()
+            self.opt.load_by_name(local_adamw_state(self.named, full, self.tp_rank, self.tp))
+        else:
+            load_adamw_state_by_name(self.opt, self.named, full, self.tp_rank, self.tp)
+        if saved != self._layout():
+            state = {**state, "resumed_from": f" (written by {was})"}
+        return state

@@ -1,0 +1,35 @@
+"""Token losses and accuracy of a training step, gathered or vocab-parallel logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ilm_megatron.parallel.tensor_parallel import (
+    vocab_parallel_argmax,
+    vocab_parallel_cross_entropy,
+)
+from ilm_megatron.train.data import IGNORE
+
+
+def token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, vocab: int, sharded: bool = False
+) -> torch.Tensor:
+    """Cross-entropy over aligned targets (no shift). logits (b, l, V'), targets (b, l).
+
+    ``sharded``: ``logits`` are this TP rank's vocabulary columns (b, l, V' / tp); the loss is
+    the vocab-parallel cross-entropy (no rank gathers the whole logits).
+    """
+    if sharded:
+        return vocab_parallel_cross_entropy(logits, targets, vocab, IGNORE)
+    return F.cross_entropy(logits[..., :vocab].flatten(0, 1).float(), targets.flatten())
+
+
+def token_accuracy(
+    logits: torch.Tensor, targets: torch.Tensor, vocab: int, sharded: bool = False
+) -> float:
+    """Argmax accuracy over the targets that count (``-100`` targets are ignored)."""
+    keep = targets != IGNORE
+    pred = vocab_parallel_argmax(logits, vocab) if sharded else logits[..., :vocab].argmax(-1)
+    hits = (pred == targets) & keep
+    return hits.sum().item() / max(1, keep.sum().item())

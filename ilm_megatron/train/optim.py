@@ -1,0 +1,266 @@
+"""AdamW for the engines: no-decay groups, state by parameter name (the layout-free
+checkpoint format), and :class:`ShardedAdamW`, the ZeRO-1 optimizer of the parallel engine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ilm_megatron.config import Config
+
+
+def decays(name: str, param: nn.Parameter) -> bool:
+    """Whether ``train.weight_decay`` applies to the parameter ``name``.
+
+    Only weight matrices decay (projections, the MLP, the convolution filters and an untied LM
+    head), as in Megatron and Mamba: parameters with fewer than two dimensions (biases, norm
+    gains, Mamba2's ``A_log``, ``D`` and ``dt_bias``), the embedding and the magnitudes ``g`` of
+    weight-normalised layers (``...parametrizations.weight.original0``) do not.
+    """
+    if param.ndim < 2 or name.startswith("embedding."):
+        return False
+    return not name.endswith("parametrizations.weight.original0")
+
+
+def param_groups(named: Sequence[tuple[str, nn.Parameter]], cfg: Config) -> list[dict[str, Any]]:
+    """AdamW parameter groups: decayed weights (``train.weight_decay``), then the rest (0).
+
+    Each group carries ``param_names``, so a saved optimizer state maps back to parameter names.
+    Empty groups are left out.
+    """
+    named = list(named)
+    groups = []
+    for wd, keep in ((cfg.train.weight_decay, True), (0.0, False)):
+        chosen = [(n, p) for n, p in named if decays(n, p) == keep]
+        if chosen:
+            groups.append(
+                {
+                    "params": [p for _, p in chosen],
+                    "param_names": [n for n, _ in chosen],
+                    "weight_decay": wd,
+                }
+            )
+    return groups
+
+
+def new_optimizer(
+    named: Sequence[tuple[str, nn.Parameter]] | Any, cfg: Config
+) -> torch.optim.Optimizer:
+    """AdamW with the ``train`` section's hyper-parameters over ``named`` (name, parameter)
+    pairs, in the no-decay groups of :func:`param_groups`."""
+    t = cfg.train
+    return torch.optim.AdamW(
+        param_groups(named, cfg), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
+    )
+
+
+OPTIMIZER_FILE = "optimizer.pt"  # AdamW state of the whole model by parameter name
+
+
+def adamw_state_by_name(
+    opt: torch.optim.Optimizer, named: Sequence[tuple[str, nn.Parameter]]
+) -> dict[str, dict[str, torch.Tensor | float]]:
+    """This rank's AdamW moments keyed by parameter name: ``{"exp_avg": {name: t}, ...}``.
+
+    Parameters without state (never updated) are left out; the tensors are the local shards.
+    """
+    out: dict[str, dict] = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+    for name, p in named:
+        st = opt.state.get(p)
+        if not st:
+            continue
+        out["exp_avg"][name] = st["exp_avg"]
+        out["exp_avg_sq"][name] = st["exp_avg_sq"]
+        out["step"][name] = float(st["step"])
+    return out
+
+
+def load_adamw_state_by_name(
+    opt: torch.optim.Optimizer,
+    named: Sequence[tuple[str, nn.Parameter]],
+    full: dict[str, dict],
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> None:
+    """Set AdamW's state of ``named`` from a whole-model, by-name state (any layout it came from).
+
+    A TP-sharded parameter takes its shard of each moment (the same split as the weights), a
+    replicated one the whole tensor. Raises ValueError naming a parameter whose moment has another
+    shape than the whole parameter.
+    """
+    for p, st in local_adamw_state(named, full, tp_rank, tp_size).values():
+        opt.state[p] = st
+
+
+def local_adamw_state(
+    named: Sequence[tuple[str, nn.Parameter]],
+    full: dict[str, dict],
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> dict[str, tuple[nn.Parameter, dict[str, torch.Tensor]]]:
+    """``{name: (parameter, AdamW state)}`` of ``named`` cut from a whole-model by-name state."""
+    from ilm_megatron.parallel.checkpoint import shard_tensor
+    from ilm_megatron.parallel.tensor_parallel import get_tp_layout
+
+    out = {}
+    for name, p in named:
+        if name not in full["exp_avg"]:
+            continue
+        lay = get_tp_layout(p)
+        st: dict[str, torch.Tensor] = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = full[key][name]
+            if lay is not None and tp_size > 1:
+                t = shard_tensor(t, lay[0], lay[1], tp_rank, tp_size)
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"optimizer state {key} of {name} has shape {tuple(t.shape)}, "
+                    f"parameter has {tuple(p.shape)}"
+                )
+            st[key] = t.to(device=p.device, dtype=p.dtype).clone()
+        st["step"] = torch.tensor(full["step"][name], dtype=torch.float32)
+        out[name] = (p, st)
+    return out
+
+
+class _FlatShard:
+    """One group's parameters flattened; this data-parallel rank owns ``[lo, hi)`` of them."""
+
+    def __init__(self, named: Sequence[tuple[str, nn.Parameter]], dp_rank: int, dp_size: int):
+        self.named = list(named)
+        self.params = [p for _, p in self.named]
+        self.total = sum(p.numel() for p in self.params)
+        self.chunk = -(-self.total // dp_size)
+        self.lo = min(dp_rank * self.chunk, self.total)
+        self.hi = min(self.lo + self.chunk, self.total)
+        self.master = nn.Parameter(self.flat_params()[self.lo : self.hi].clone())
+
+    def flat_params(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for p in self.params:
+            out.append(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return out
+
+
+class ShardedAdamW:
+    """ZeRO-1 over the data-parallel group: each DP rank owns the AdamW state of one contiguous
+    slice of the flattened parameters of each group (decayed and not, :func:`param_groups`): its
+    fp32 master copy and both moments, 1/DP of the optimizer memory. After each step the updated
+    slices are all-gathered into the parameters.
+
+    Gradients must already be averaged over the group (they are whole on every DP rank), so the
+    update equals plain AdamW's elementwise. Exposes ``param_groups``, ``step`` and ``zero_grad``.
+    """
+
+    def __init__(
+        self,
+        named: Sequence[tuple[str, nn.Parameter]],
+        cfg: Config,
+        group: Any,
+        dp_rank: int,
+        dp_size: int,
+    ) -> None:
+        self.named = list(named)
+        self.group, self.dp_size = group, dp_size
+        groups = param_groups(self.named, cfg)
+        self.shards = [
+            _FlatShard(list(zip(g["param_names"], g["params"])), dp_rank, dp_size) for g in groups
+        ]
+        t = cfg.train
+        self.opt = torch.optim.AdamW(
+            [
+                {"params": [sh.master], "weight_decay": g["weight_decay"]}
+                for sh, g in zip(self.shards, groups)
+            ],
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+        )
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.opt.param_groups
+
+    def sync_master(self) -> None:
+        """Take this rank's slices from the parameters (after loading weights)."""
+        for sh in self.shards:
+            sh.master.data.copy_(sh.flat_params()[sh.lo : sh.hi])
+
+    def _all_gather(self, sh: _FlatShard, mine: torch.Tensor) -> torch.Tensor:
+        """This rank's slice (hi - lo,) -> the group's whole flat tensor (total,) (collective)."""
+        padded = torch.zeros(sh.chunk, dtype=mine.dtype, device=mine.device)
+        padded[: mine.numel()] = mine
+        pieces = [torch.empty_like(padded) for _ in range(self.dp_size)]
+        torch.distributed.all_gather(pieces, padded, group=self.group)
+        return torch.cat(pieces)[: sh.total]
+
+    def step(self) -> None:
+        for sh in self.shards:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in sh.params]
+            sh.master.grad = torch.cat([g.reshape(-1) for g in grads])[sh.lo : sh.hi].clone()
+        self.opt.step()
+        for sh in self.shards:
+            whole = sh.unflatten(self._all_gather(sh, sh.master.detach()))
+            for p, new in zip(sh.params, whole):
+                p.data.copy_(new)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for sh in self.shards:
+            for p in sh.params:
+                p.grad = None
+            sh.master.grad = None
+
+    def state_by_name(self) -> dict[str, dict]:
+        """The local (TP-shard) AdamW state by parameter name, like :func:`adamw_state_by_name`.
+
+        Collective over the data-parallel group (the moment slices are all-gathered).
+        """
+        out: dict[str, dict] = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+        for sh in self.shards:
+            st = self.opt.state.get(sh.master)
+            if not st:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                whole = sh.unflatten(self._all_gather(sh, st[key]))
+                out[key].update({name: t for (name, _), t in zip(sh.named, whole)})
+            out["step"].update({name: float(st["step"]) for name, _ in sh.named})
+        return out
+
+    def load_by_name(self, local: dict[str, tuple[nn.Parameter, dict[str, torch.Tensor]]]) -> None:
+        """Set this rank's slices of the moments from :func:`local_adamw_state`'s output."""
+        if len(local) != len(self.named):
+            missing = sorted({n for n, _ in self.named} - set(local))
+            raise ValueError(f"optimizer state has no moments for {missing}")
+        for sh in self.shards:
+            moments = {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                flat = torch.cat([local[name][1][key].reshape(-1) for name, _ in sh.named])
+                moments[key] = flat[sh.lo : sh.hi].clone()
+            step = local[sh.named[0][0]][1]["step"]
+            self.opt.state[sh.master] = {"step": step.clone(), **moments}
+
+
+def adamw_state_from_single_process(model: nn.Module, opt_state: dict) -> dict[str, dict]:
+    """Convert a single-process ``AdamW.state_dict()`` (indexed by parameter order) to by-name.
+
+    The groups' ``param_names`` name the indices; a state saved without them (one group over
+    ``model.named_parameters()``) is read in the model's parameter order.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    by_index: dict[int, str] = {}
+    for g in opt_state["param_groups"]:
+        if "param_names" in g:
+            by_index.update(zip(g["params"], g["param_names"]))
+    out: dict[str, dict] = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+    for idx, st in opt_state["state"].items():
+        name = by_index.get(int(idx)) or names[int(idx)]
+        out["exp_avg"][name] = st["exp_avg"]
+        out["exp_avg_sq"][name] = st["exp_avg_sq"]
+        out["step"][name] = float(st["step"])
+    return out
