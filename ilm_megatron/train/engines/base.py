@@ -1,27 +1,7 @@
-"""Training engines (the base classes): what one optimizer step means in each parallel layout.
-
-The loop in :mod:`ilm_megatron.train.loop` is written once against :class:`Engine`; the engine
-owns the model, the optimizer, the process groups and the checkpoint layout:
-
-* :class:`LocalEngine`: one process, no ``torch.distributed``. Gradient accumulation over
-  ``parallel.microbatches``.
-* :class:`DeepSpeedEngine`: data parallel with DeepSpeed ZeRO stage 1/2 (``tp = pp = 1``),
-  launched by ``torchrun`` / ``deepspeed``; resumes at another data-parallel size through
-  DeepSpeed's universal checkpoint.
-* :class:`ParallelEngine`: tensor x pipeline x data parallel over Megatron-Core's process groups
-  (several processes, ``parallel.tp > 1`` or ``parallel.pp > 1``; no ZeRO sharding: plain data
-  parallelism is this engine with ``tp = pp = 1``). TP layers come from the ``tp`` spec
-  backend; PP runs the ring schedule of :mod:`ilm_megatron.parallel.pipeline`; gradients are
-  averaged over the data-parallel group, the gradient norm is taken over the whole model (sharded
-  parameters counted once per shard, replicated ones once) and clipping and the non-finite skip
-  are decided identically on every rank.
-
-Every engine answers :meth:`Engine.train_step` with a :class:`StepOutput` whose control fields
-(loss and accuracy averaged over the global batch, gradient norm, applied, stop) are identical on
-all ranks, so the loop's logging and stopping logic never branch on the layout. The solver
-statistics are the first data-parallel replica's (TP/PP) or each rank's own (DeepSpeed); only
-rank 0's are logged.
-"""
+"""The engine interface the training loop drives (:class:`Engine`), its per-step record
+(:class:`StepOutput`) and validation share (:class:`EvalShare`), and what the distributed
+engines share: the base class of the multi-process engines and the checkpoint helpers.
+See :mod:`ilm_megatron.train.engines` for the engines and their layouts."""
 
 from __future__ import annotations
 
