@@ -34,7 +34,8 @@ def _local(cfg: Any, seed: int) -> torch.nn.Module:
 
 # ------------------------------------------------------------------- no processes: fake TP state
 class _FakeParallelState:
-    """The bits of ``megatron.core.parallel_state`` that ``ilm_megatron.parallel.state`` reads."""
+    """The bits of Megatron's ``parallel_state`` that ``ilm_megatron.core.parallel_state``
+    reads."""
 
     def __init__(self, tp: int, rank: int, pp: int = 1) -> None:
         self.tp, self.rank, self.pp = tp, rank, pp
@@ -59,7 +60,7 @@ class _FakeParallelState:
 
 
 def _fake_tp(monkeypatch: pytest.MonkeyPatch, tp: int, rank: int, pp: int = 1) -> None:
-    from ilm_megatron.parallel import state
+    from ilm_megatron.core import parallel_state as state
 
     fake = _FakeParallelState(tp, rank, pp)
     monkeypatch.setattr(state, "_ps", lambda: fake)
@@ -80,8 +81,8 @@ def _sharded_tensors(model: torch.nn.Module) -> list[Any]:
 
 def _expected_globals(ref: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Checkpoint key -> global tensor: packed tensors split into ``{name}.part{i}``."""
+    from ilm_megatron.core.tensor_parallel import get_tp_layout
     from ilm_megatron.parallel.dist_checkpoint import part_key
-    from ilm_megatron.parallel.tensor_parallel import get_tp_layout
 
     out = {}
     for name, t in ref.state_dict(keep_vars=True).items():
@@ -214,11 +215,11 @@ def reshard_worker(rank: int, arch: str, overrides: tuple[str, ...], tmp: str) -
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
+    from ilm_megatron.core.parallel_state import pp_rank
     from ilm_megatron.models.lm import build_model
     from ilm_megatron.parallel.checkpoint import load_full_state_dict
     from ilm_megatron.parallel.dist_checkpoint import load_dist_checkpoint, save_dist_checkpoint
     from ilm_megatron.parallel.pipeline import split_model_into_stages
-    from ilm_megatron.parallel.state import pp_rank
 
     root = Path(tmp)
     cfg = tiny_config(arch, overrides=overrides)

@@ -3,7 +3,7 @@
 Each worker builds the single-process model from one seed, shards its weights into the TP model and
 compares logits, loss, every gathered gradient, solver iteration counts on every rank, a TP=2
 checkpoint loaded at TP=1, and sequential decoding (see
-:func:`ilm_megatron.parallel.tensor_parallel.compare_with_single_process`).
+:func:`ilm_megatron.parallel.compare.compare_with_single_process`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ TOL = 1e-5
 def test_tp2_matches_single_process(tmp_path, arch: str, overrides: tuple[str, ...]) -> None:
     from _dist import run_workers
 
-    from ilm_megatron.parallel.tensor_parallel import compare_with_single_process
+    from ilm_megatron.parallel.compare import compare_with_single_process
 
     cfg = tiny_config(arch, overrides=(*overrides, "parallel.tp=2"))
     assert cfg.model.backend == "tp"

@@ -70,10 +70,10 @@ def test_tp1_builds_the_local_model(arch: str) -> None:
 
 def init_worker(rank: int, result_path: str) -> None:
     """TP=2 rank: fresh TP layers and models against single-process ones from the same seed."""
+    from ilm_megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from ilm_megatron.models.layers import Linear
     from ilm_megatron.models.lm import build_model
     from ilm_megatron.parallel.checkpoint import full_state_dict, gather_tensors, tp_layout
-    from ilm_megatron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     res: dict = {"layers": {}, "models": {}}
     # single layers: a packed column-parallel projection and a row-parallel one, with default

@@ -22,8 +22,8 @@ def _case(seed: int, n: int, padded: int, vocab: int) -> tuple[torch.Tensor, tor
 
 
 def _worker(rank: int, n: int, padded: int, vocab: int, out: str) -> None:
-    from ilm_megatron.parallel.state import tp_rank, tp_world_size
-    from ilm_megatron.parallel.tensor_parallel import (
+    from ilm_megatron.core.parallel_state import tp_rank, tp_world_size
+    from ilm_megatron.core.tensor_parallel import (
         vocab_parallel_argmax,
         vocab_parallel_cross_entropy,
     )
@@ -61,7 +61,7 @@ def test_vocab_parallel_cross_entropy_matches_one_process(tmp_path, tp, padded, 
 
 
 def test_one_rank_is_f_cross_entropy() -> None:
-    from ilm_megatron.parallel.tensor_parallel import (
+    from ilm_megatron.core.tensor_parallel import (
         vocab_parallel_argmax,
         vocab_parallel_cross_entropy,
     )

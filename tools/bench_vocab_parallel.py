@@ -51,8 +51,8 @@ def _worker(rank: int, mode: str, n: int, vocab: int, d: int, out_dir: str) -> N
     import torch
     import torch.nn.functional as F
 
-    from ilm_megatron.parallel.state import tp_rank, tp_world_size
-    from ilm_megatron.parallel.tensor_parallel import (
+    from ilm_megatron.core.parallel_state import tp_rank, tp_world_size
+    from ilm_megatron.core.tensor_parallel import (
         vocab_parallel_cross_entropy,
         vocab_parallel_logits,
         vocab_parallel_logits_local,
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: --vocab {args.vocab} is not divisible by --tp {args.tp}", file=sys.stderr)
         return 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from ilm_megatron.parallel.state import spawn
+    from ilm_megatron.core.parallel_state import spawn
 
     n, v, d, tp = args.tokens, args.vocab, args.d, args.tp
     ranks: dict[str, list[float]] = {}

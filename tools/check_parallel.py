@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     backend = "nccl" if gpus >= world else "gloo"
 
+    from ilm_megatron.core.parallel_state import spawn
     from ilm_megatron.parallel.compare import compare_parallel, result_ok
-    from ilm_megatron.parallel.state import spawn
 
     with tempfile.TemporaryDirectory() as tmp:
         res, ckpt = Path(tmp) / "result.json", Path(tmp) / "ckpt.pt"

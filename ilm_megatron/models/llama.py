@@ -18,10 +18,10 @@ from torch import nn
 
 from ilm_kernels.backend import optional_import
 from ilm_megatron.config import ModelConfig
+from ilm_megatron.core.parallel_state import model_tp_size
+from ilm_megatron.core.tensor_parallel import set_tp_layout
 from ilm_megatron.models.cache import KVCache
 from ilm_megatron.models.layers import apply_rope, rope_cos_sin
-from ilm_megatron.parallel.state import model_tp_size
-from ilm_megatron.parallel.tensor_parallel import set_tp_layout
 
 
 def causal_attention(

@@ -25,20 +25,20 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ilm_megatron.config import ModelConfig, SolverConfig
-from ilm_megatron.implicit.phantom import phantom_steps, phantom_steps_recompute
-from ilm_megatron.implicit.sequential import solve_token
-from ilm_megatron.implicit.solver import SolverStats, solve, solve_damped_reference
-from ilm_megatron.models.layers import Linear, RMSNorm
-from ilm_megatron.models.specs import get_stack_spec
-from ilm_megatron.models.stack import upcast
-from ilm_megatron.parallel.state import model_tp_size
-from ilm_megatron.parallel.tensor_parallel import (
+from ilm_megatron.core.parallel_state import model_tp_size
+from ilm_megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
     set_tp_layout,
     vocab_parallel_logits,
     vocab_parallel_logits_local,
 )
+from ilm_megatron.implicit.phantom import phantom_steps, phantom_steps_recompute
+from ilm_megatron.implicit.sequential import solve_token
+from ilm_megatron.implicit.solver import SolverStats, solve, solve_damped_reference
+from ilm_megatron.models.layers import Linear, RMSNorm
+from ilm_megatron.models.specs import get_stack_spec
+from ilm_megatron.models.stack import upcast
 
 
 @dataclass

@@ -20,11 +20,11 @@ from torch import nn
 
 from ilm_kernels import causal_conv1d, causal_conv1d_step_op, ssd_scan, ssd_step_op
 from ilm_megatron.config import ModelConfig
+from ilm_megatron.core.parallel_state import model_tp_size
+from ilm_megatron.core.tensor_parallel import set_tp_layout
 from ilm_megatron.models.cache import Mamba2Cache
 from ilm_megatron.models.layers import init_dt_bias
 from ilm_megatron.models.stack import upcast
-from ilm_megatron.parallel.state import model_tp_size
-from ilm_megatron.parallel.tensor_parallel import set_tp_layout
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from ilm_megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from ilm_megatron.models.layers import DepthwiseConv1d, GatedRMSNorm, Linear, RMSNorm
 from ilm_megatron.models.llama import (
     SelfAttention,
@@ -21,7 +22,6 @@ from ilm_megatron.models.llama import (
 )
 from ilm_megatron.models.mamba2 import Mamba2Mixer, Mamba2MixerSubmodules
 from ilm_megatron.models.stack import Block, BlockSubmodules, Stack, StackSubmodules
-from ilm_megatron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
 def _linears(backend: str) -> tuple[type, type]:

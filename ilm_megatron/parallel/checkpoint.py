@@ -1,7 +1,7 @@
 """Resharding between tensor-parallel shards and the single-process state dict.
 
 Every sharded parameter carries a layout (``tp_dim``, ``tp_parts``; see
-:func:`ilm_megatron.parallel.tensor_parallel.set_tp_layout`). For a packed tensor whose global
+:func:`ilm_megatron.core.tensor_parallel.set_tp_layout`). For a packed tensor whose global
 components along ``dim`` have sizes ``p_0, ..., p_k`` (e.g. Mamba2 ``in_proj``:
 ``[d_inner, d_inner, g*n, g*n, nheads]``), rank r of T holds
 ``cat_i(component_i[r*p_i/T : (r+1)*p_i/T])``. Gathering splits each shard into its components,
@@ -18,14 +18,14 @@ stage 0 (TP rank 0), which writes the file atomically (temporary file + rename).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ilm_megatron.parallel.state import (
+from ilm_megatron.core.parallel_state import (
     _ps,
     pp_group,
     pp_rank,
@@ -35,7 +35,7 @@ from ilm_megatron.parallel.state import (
     tp_rank,
     tp_world_size,
 )
-from ilm_megatron.parallel.tensor_parallel import get_tp_layout
+from ilm_megatron.core.tensor_parallel import get_tp_layout, shard_tensor, unshard_tensors
 
 Layout = dict[str, tuple[int, tuple[int, ...]]]
 
@@ -45,21 +45,6 @@ def tp_layout(model: nn.Module) -> Layout:
     return {
         name: lay for name, p in model.named_parameters() if (lay := get_tp_layout(p)) is not None
     }
-
-
-def shard_tensor(full: torch.Tensor, dim: int, parts: Sequence[int], rank: int, size: int):
-    """This rank's shard of a packed tensor: each component split in ``size`` equal pieces."""
-    comps = torch.split(full, list(parts), dim=dim)
-    return torch.cat([c.chunk(size, dim=dim)[rank] for c in comps], dim=dim).contiguous()
-
-
-def unshard_tensors(shards: Sequence[torch.Tensor], dim: int, parts: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`shard_tensor`: ``shards`` are the pieces of ranks 0..T-1."""
-    size = len(shards)
-    local = [p // size for p in parts]
-    per_rank = [torch.split(s, local, dim=dim) for s in shards]
-    comps = [torch.cat([pr[i] for pr in per_rank], dim=dim) for i in range(len(parts))]
-    return torch.cat(comps, dim=dim)
 
 
 def shard_state_dict(

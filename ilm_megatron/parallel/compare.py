@@ -1,6 +1,6 @@
 """TP x PP against the single-process model: the worker behind ``tools/check_parallel.py``.
 
-Run :func:`compare_parallel` under :func:`ilm_megatron.parallel.state.spawn` with ``tp * pp``
+Run :func:`compare_parallel` under :func:`ilm_megatron.core.parallel_state.spawn` with ``tp * pp``
 processes (Megatron's layout: TP innermost, so a stage's TP ranks are consecutive global ranks and
 each TP rank has its own ring through the stages). Every rank
 
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ilm_megatron.parallel.state import (
+from ilm_megatron.core.parallel_state import (
     pipeline_ring_group,
     pp_global_ranks,
     pp_rank,
@@ -292,3 +292,37 @@ def result_ok(result: dict[str, Any], tol: float) -> bool:
 
 
 __all__ = ["DIFF_KEYS", "compare_parallel", "result_ok"]
+
+
+def compare_with_single_process(
+    rank: int,
+    config: object,
+    seed: int,
+    result_path: str,
+    ckpt_path: str,
+    batch: int = 2,
+    seq_len: int = 12,
+    seq_decode_len: int = 6,
+) -> None:
+    """One TP worker of the TP-vs-single-process check (PP=1), run under
+    :func:`~ilm_megatron.core.parallel_state.spawn`.
+
+    Kept for callers of the TP-only check: it is :func:`compare_parallel` with one micro-batch
+    (training-mode logits, loss, every gathered gradient, iteration counts on every rank, eval
+    logits, a checkpoint saved at this TP size and loaded into a single-process model,
+    sequential decoding). Global rank 0 writes the JSON dict.
+
+    Args:
+        config: a :class:`ilm_megatron.config.Config` with ``parallel.tp`` equal to the world size.
+    """
+    compare_parallel(
+        rank,
+        config,
+        seed,
+        result_path,
+        ckpt_path,
+        batch=batch,
+        seq_len=seq_len,
+        microbatches=1,
+        seq_decode_len=seq_decode_len,
+    )

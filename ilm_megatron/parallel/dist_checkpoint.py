@@ -43,9 +43,9 @@ from megatron.core.dist_checkpointing.mapping import (
 from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from torch import nn
 
-from ilm_megatron.parallel import state as ps
+from ilm_megatron.core import parallel_state as ps
+from ilm_megatron.core.tensor_parallel import get_tp_layout
 from ilm_megatron.parallel.checkpoint import _model_tp, stage_state_names
-from ilm_megatron.parallel.tensor_parallel import get_tp_layout
 
 Offsets = Sequence[tuple[int, int, int]]
 
@@ -135,13 +135,12 @@ def _stage_sets(model: nn.Module, stage: nn.Module | None) -> tuple[set[str] | N
     """(names this stage owns or None for all, names held by an earlier stage too)."""
     if stage is None:
         return None, set()
-    from ilm_megatron.parallel.pipeline import PipelineStage
-
     own = set(stage_state_names(model, stage))
     pp_rank, pp_size = stage.pp_rank, stage.pp_size  # type: ignore[attr-defined]
+    stage_cls = type(stage)  # the pipeline's stage class (not imported: models import this module)
     earlier: set[str] = set()
     for r in range(pp_rank):
-        earlier |= set(stage_state_names(model, PipelineStage(model, r, pp_size)))
+        earlier |= set(stage_state_names(model, stage_cls(model, r, pp_size)))
     return own, own & earlier
 
 

@@ -26,7 +26,7 @@ so stages other than 0 simply follow what arrives.
 
 **TP x PP**: with a tensor-parallel group inside each stage (``backend=tp`` model), every TP rank
 runs its own ring with the ranks of the same TP rank in the other stages (``pp_ranks``, Megatron's
-pipeline group; see :func:`ilm_megatron.parallel.state.pp_global_ranks`). The iterate ``z`` is
+pipeline group; see :func:`ilm_megatron.core.parallel_state.pp_global_ranks`). The iterate ``z`` is
 replicated over the TP group (row-parallel outputs are all-reduced), the injection ``u`` is this TP
 rank's column shard, and the TP collectives of a stage run in the same order on all its TP ranks
 because they see the same messages.
@@ -342,7 +342,7 @@ def pipeline_forward_backward(
         n_microbatches: N, needed on stages that get no ``ids_microbatches``.
         in_flight: M, micro-batches circulating at once (>= 1; >= P keeps every stage busy).
         pp_ranks: global ranks of stages ``0..P-1`` (default ``range(P)``). Under TP x PP: this
-            rank's pipeline group, :func:`~ilm_megatron.parallel.state.pp_global_ranks`.
+            rank's pipeline group, :func:`~ilm_megatron.core.parallel_state.pp_global_ranks`.
         loss_fn: ``(logits (b, l, V'), targets (b, l)) -> scalar``; default mean cross-entropy.
         loss_scale: multiplies each loss before backward (e.g. ``1 / N``).
         max_iter: solver cap override (default ``f_max_iter``).
@@ -353,12 +353,12 @@ def pipeline_forward_backward(
             computation (embedding, stages, damping, head and loss), never around backward.
         group: a gloo process group holding ``pp_ranks`` for the ring's messages (default: the
             default group, which must then be gloo); with NCCL training use
-            :func:`~ilm_megatron.parallel.state.pipeline_ring_group`.
+            :func:`~ilm_megatron.core.parallel_state.pipeline_ring_group`.
         evaluate: the evaluation solve instead of training: the solve only (``cfg``'s cap and
             tolerance: pass the eval ones), then the head on each micro-batch's best iterate, as
             the single-process model's training-rule eval solve; no phantom steps, no backward.
         gather_logits: False hands ``loss_fn`` this TP rank's logits columns (b, l, V' / tp)
-            for a vocab-parallel loss (:func:`~ilm_megatron.parallel.tensor_parallel.
+            for a vocab-parallel loss (:func:`~ilm_megatron.core.tensor_parallel.
             vocab_parallel_cross_entropy`) instead of the gathered (b, l, V').
 
     Returns:

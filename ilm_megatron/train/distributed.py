@@ -209,7 +209,7 @@ def teardown() -> None:
     """Destroy Megatron's groups and the default process group (end of a run)."""
     from megatron.core import parallel_state
 
-    from ilm_megatron.parallel.state import forget_ring_groups
+    from ilm_megatron.core.parallel_state import forget_ring_groups
 
     forget_ring_groups()
     if parallel_state.model_parallel_is_initialized():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ilm_megatron.parallel.tensor_parallel import (
+from ilm_megatron.core.tensor_parallel import (
     vocab_parallel_argmax,
     vocab_parallel_cross_entropy,
 )

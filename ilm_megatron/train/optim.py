@@ -102,8 +102,7 @@ def local_adamw_state(
     tp_size: int = 1,
 ) -> dict[str, tuple[nn.Parameter, dict[str, torch.Tensor]]]:
     """``{name: (parameter, AdamW state)}`` of ``named`` cut from a whole-model by-name state."""
-    from ilm_megatron.parallel.checkpoint import shard_tensor
-    from ilm_megatron.parallel.tensor_parallel import get_tp_layout
+    from ilm_megatron.core.tensor_parallel import get_tp_layout, shard_tensor
 
     out = {}
     for name, p in named:

@@ -54,8 +54,8 @@ class ParallelEngine(_DistributedBase):
     def __init__(self, cfg: Config) -> None:
         from megatron.core import parallel_state as ps
 
+        from ilm_megatron.core.parallel_state import pipeline_ring_group, pp_global_ranks
         from ilm_megatron.parallel.checkpoint import load_full_state_dict
-        from ilm_megatron.parallel.state import pipeline_ring_group, pp_global_ranks
 
         super().__init__(cfg)
         self.ps = ps
@@ -105,7 +105,7 @@ class ParallelEngine(_DistributedBase):
         self.is_last_stage = self.pp_rank == self.pp - 1
         # parameters whose gradient enters the global norm on this rank: every TP shard, a
         # replicated parameter on TP rank 0 only, the tied embedding on the first stage only
-        from ilm_megatron.parallel.tensor_parallel import get_tp_layout
+        from ilm_megatron.core.tensor_parallel import get_tp_layout
 
         first_ids = set()
         if self.stage is not None and self.stage.tied and self.is_last_stage:

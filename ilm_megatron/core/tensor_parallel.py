@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ilm_megatron.parallel.state import tp_group, tp_rank, tp_world_size
+from ilm_megatron.core.parallel_state import tp_group, tp_rank, tp_world_size
 
 
 def set_tp_layout(param: torch.Tensor, dim: int, parts: Sequence[int]) -> None:
@@ -100,6 +100,23 @@ def gather_from_tp_region(x: torch.Tensor) -> torch.Tensor:
     return _GatherFromTP.apply(x) if tp_world_size() > 1 else x
 
 
+def shard_tensor(
+    full: torch.Tensor, dim: int, parts: Sequence[int], rank: int, size: int
+) -> torch.Tensor:
+    """This rank's shard of a packed tensor: each component split in ``size`` equal pieces."""
+    comps = torch.split(full, list(parts), dim=dim)
+    return torch.cat([c.chunk(size, dim=dim)[rank] for c in comps], dim=dim).contiguous()
+
+
+def unshard_tensors(shards: Sequence[torch.Tensor], dim: int, parts: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`shard_tensor`: ``shards`` are the pieces of ranks 0..T-1."""
+    size = len(shards)
+    local = [p // size for p in parts]
+    per_rank = [torch.split(s, local, dim=dim) for s in shards]
+    comps = [torch.cat([pr[i] for pr in per_rank], dim=dim) for i in range(len(parts))]
+    return torch.cat(comps, dim=dim)
+
+
 def local_parts(parts: Sequence[int], tp: int) -> list[int]:
     """Per-rank sizes of each component; every component must be divisible by ``tp``."""
     for p in parts:
@@ -136,8 +153,6 @@ def _init_linear(
     if tp == 1:
         module.weight, module.bias = ref.weight, ref.bias
         return
-    from ilm_megatron.parallel.checkpoint import shard_tensor  # imports this module
-
     module.weight = nn.Parameter(shard_tensor(ref.weight.detach(), dim, parts, rank, tp))
     b = ref.bias
     if b is not None and dim == 0:
@@ -337,39 +352,3 @@ class RowParallelLinear(nn.Module):
         """x: (..., in_local) -> (..., out) summed over TP ranks."""
         y = reduce_from_tp_region(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
-
-
-# ---------------------------------------------------------------------- verification
-def compare_with_single_process(
-    rank: int,
-    config: object,
-    seed: int,
-    result_path: str,
-    ckpt_path: str,
-    batch: int = 2,
-    seq_len: int = 12,
-    seq_decode_len: int = 6,
-) -> None:
-    """One TP worker of the TP-vs-single-process check (run under :func:`state.spawn`, PP=1).
-
-    Kept for callers of the TP-only check: it is :func:`ilm_megatron.parallel.compare.
-    compare_parallel` with one micro-batch (training-mode logits, loss, every gathered gradient,
-    iteration counts on every rank, eval logits, a checkpoint saved at this TP size and loaded into
-    a single-process model, sequential decoding). Global rank 0 writes the JSON dict.
-
-    Args:
-        config: a :class:`ilm_megatron.config.Config` with ``parallel.tp`` equal to the world size.
-    """
-    from ilm_megatron.parallel.compare import compare_parallel
-
-    compare_parallel(
-        rank,
-        config,
-        seed,
-        result_path,
-        ckpt_path,
-        batch=batch,
-        seq_len=seq_len,
-        microbatches=1,
-        seq_decode_len=seq_decode_len,
-    )
