@@ -235,6 +235,17 @@ def vocab_parallel_logits_local(z: torch.Tensor, weight: torch.Tensor) -> torch.
     return F.linear(copy_to_tp_region(z), weight)
 
 
+def _local_columns(logits: torch.Tensor, vocab: int) -> tuple[torch.Tensor, int]:
+    """(a float32 copy of this rank's logits columns (..., V / tp) with the padding columns,
+    global ids >= ``vocab``, at -inf; the global id of its first column)."""
+    vl = logits.shape[-1]
+    start = tp_rank() * vl
+    x = logits.detach().to(torch.float32, copy=True)
+    if start + vl > vocab:
+        x[..., max(0, vocab - start) :] = float("-inf")
+    return x, start
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of vocabulary-sharded logits, without gathering them.
 
@@ -246,12 +257,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, vocab, ignore_index):  # type: ignore[override]
-        n, vl = logits.shape
-        start = tp_rank() * vl
+        vl = logits.shape[-1]
         group = tp_group()
-        x = logits.to(torch.float32, copy=True)  # the one (N, V / tp) buffer: softmax below
-        if start + vl > vocab:
-            x[:, max(0, vocab - start) :] = float("-inf")
+        x, start = _local_columns(logits, vocab)  # the one (N, V / tp) buffer: softmax below
         m = x.max(dim=-1).values
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         x.sub_(m[:, None])
@@ -309,12 +317,7 @@ def vocab_parallel_argmax(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     id as ``torch.argmax`` on the gathered ``logits[..., :vocab]``; (N, tp) values move."""
     if tp_world_size() == 1:
         return logits[..., :vocab].argmax(-1)
-    vl = logits.shape[-1]
-    start = tp_rank() * vl
-    x = logits.detach().float()
-    if start + vl > vocab:
-        x = x.clone()
-        x[..., max(0, vocab - start) :] = float("-inf")
+    x, start = _local_columns(logits, vocab)
     val, idx = x.max(dim=-1)
     pair = torch.stack([val, (idx + start).to(val.dtype)])
     parts = [torch.empty_like(pair) for _ in range(tp_world_size())]
