@@ -63,3 +63,25 @@ def test_device_slug() -> None:
     assert gpu_check.device_slug({"mode": "gpu", "gpu": "NVIDIA H200"}) == "h200"
     assert gpu_check.device_slug({"mode": "gpu", "gpu": "NVIDIA H100 80GB HBM3"}) == "h100"
     assert gpu_check.device_slug({"mode": "cpu"}) == "cpu"
+
+
+def test_bench_kernels_fails_when_a_backend_fails(tmp_path, monkeypatch, capsys) -> None:
+    """A backend that raises is recorded and makes the benchmark exit 1 (it used to exit 0)."""
+    import bench_kernels
+
+    real = bench_kernels.bench_backend
+
+    def broken(backend, *args):
+        if backend == "reference":
+            raise RuntimeError("no kernel image is available for execution on the device")
+        return real(backend, *args)
+
+    monkeypatch.setattr(bench_kernels, "bench_backend", broken)
+    out = tmp_path / "bench.json"
+    argv = ["--allow-cpu", "--backends", "triton,reference", "--repeats", "1", "--warmup", "1"]
+    assert bench_kernels.main([*argv, "--output", str(out)]) == 1
+    record = json.loads(out.read_text())
+    assert record["failed"] == ["reference"]
+    assert "no kernel image" in record["results"]["reference"]["error"]
+    assert "fwd_ms" in record["results"]["triton"]
+    assert "failed: reference" in capsys.readouterr().err
