@@ -70,3 +70,31 @@ def test_qa_targets_only_answers(tmp_path):
 
 def torch_all(t) -> bool:
     return bool(t.all())
+
+
+def test_data_stream_uses_the_folder_vocab(tmp_path):
+    """The generator-free stream encodes exactly as the generator's, from ``vocab.json`` alone;
+    a story word missing from the vocabulary and a vocabulary that is not the generator's are
+    refused with the file named."""
+    import pytest
+
+    from ilm_megatron.data import catbabi as data_catbabi
+    from ilm_megatron.tasks import catbabi as task_catbabi
+
+    folder = _make_data(tmp_path)
+    ours = data_catbabi.load_stream(str(folder), "train", 4, 32, shuffle_seed=3)
+    ref = task_catbabi.load_stream(str(folder), "train", 4, 32, shuffle_seed=3)
+    assert torch_all(ours.x == ref.x) and torch_all(ours.is_answer == ref.is_answer)
+    assert int(ours.x.max()) < len(task_catbabi.VOCAB)
+
+    vocab = json.loads((folder / "vocab.json").read_text())
+    dropped = data_catbabi.read_stories(str(folder / "train.txt"))[0].tokens[0]
+    vocab["tokens"] = [t for t in vocab["tokens"] if t != dropped]
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match=r"train\.txt: token .* is not in vocab\.json"):
+        data_catbabi.load_stream(str(folder), "train", 4, 32)
+    with pytest.raises(ValueError, match="does not match this generator's vocabulary"):
+        task_catbabi.load_stream(str(folder), "train", 4, 32)
+    (folder / "vocab.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"vocab\.json is not a CatbAbI vocabulary"):
+        data_catbabi.read_vocab(str(folder))

@@ -105,3 +105,12 @@ def test_the_check_finds_a_cycle(tmp_path) -> None:
     (pkg / "a" / "x.py").write_text("def f():\n    from ilm_megatron.b import g\n")
     (pkg / "b.py").write_text("from ilm_megatron.a.x import f\n")
     assert cycles(import_graph(pkg)) == [["ilm_megatron.a.x", "ilm_megatron.b"]]
+
+
+def test_trainer_and_data_import_no_task() -> None:
+    """The trainer streams every dataset through ``ilm_megatron.data``; tasks sit on top."""
+    edges = import_graph(ROOT / "ilm_megatron")
+    for module, targets in edges.items():
+        if module.startswith(("ilm_megatron.train", "ilm_megatron.data")):
+            tasks = {t for t in targets if t.startswith("ilm_megatron.tasks")}
+            assert not tasks, (module, tasks)

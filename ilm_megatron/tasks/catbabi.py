@@ -21,18 +21,32 @@ Main API:
 
 from __future__ import annotations
 
-import hashlib
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import permutations
 
 import torch
 
-PAD = "<pad>"
-EOS = "<eos>"
-PAD_ID = 0
-EOS_ID = 1
+from ilm_megatron.data import catbabi as _data
+
+# the format and stream live in ilm_megatron.data.catbabi; re-exported here
+from ilm_megatron.data.catbabi import (  # noqa: F401
+    EOS,
+    EOS_ID,
+    PAD,
+    PAD_ID,
+    VOCAB_FILE,
+    CatbabiBatch,
+    CatbabiStream,
+    Story,
+    format_story_line,
+    iter_batches,
+    parse_story_line,
+    qa_targets,
+    read_stories,
+)
+
 NUM_TASKS = 20
 TASK_NAMES: dict[int, str] = {
     1: "single supporting fact",
@@ -193,31 +207,6 @@ def encode(tokens: Sequence[str]) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # Stories
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Story:
-    """One bAbI story as CatbAbI tokens.
-
-    Attributes:
-        task_id: 1..20.
-        tokens: the words, ``.``/``?`` and inline answers (no ``<eos>``).
-        answer_positions: index in ``tokens`` of every answer (the token after each ``?``).
-    """
-
-    task_id: int
-    tokens: tuple[str, ...]
-    answer_positions: tuple[int, ...]
-
-    @property
-    def answers(self) -> tuple[str, ...]:
-        """The answer tokens in story order."""
-        return tuple(self.tokens[i] for i in self.answer_positions)
-
-    def digest(self) -> str:
-        """A stable hash of task id and tokens, used to keep splits disjoint."""
-        text = f"{self.task_id}\t{' '.join(self.tokens)}"
-        return hashlib.sha1(text.encode()).hexdigest()
 
 
 class _RetryError(Exception):
@@ -973,71 +962,9 @@ def generate_splits(
     return out
 
 
-def format_story_line(story: Story) -> str:
-    """The FWM file line of ``story``: ``task_id<TAB>tokens joined by spaces``."""
-    return f"{story.task_id}\t{' '.join(story.tokens)}"
-
-
-def parse_story_line(line: str) -> Story:
-    """Inverse of :func:`format_story_line` (answers are the tokens after each ``?``)."""
-    task, text = line.rstrip("\n").split("\t", 1)
-    tokens = tuple(text.split())
-    answers = tuple(i + 1 for i, t in enumerate(tokens) if t == "?")
-    return Story(int(task), tokens, answers)
-
-
-def read_stories(path: str) -> list[Story]:
-    """The stories of an FWM-format file written by ``tools/make_catbabi.py``."""
-    with open(path, encoding="utf-8") as fh:
-        return [parse_story_line(line) for line in fh if line.strip()]
-
-
 # ---------------------------------------------------------------------------------------------
 # Stream (StoryBatcher) and accuracy
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CatbabiStream:
-    """Stories laid out on ``B`` rows, as in the FWM ``StoryBatcher``.
-
-    Each story contributes ``x = [<eos>] + tokens`` and ``y = tokens + [<eos>]``; the rows are
-    padded with ``<pad>`` (id 0) to a multiple of ``seq_len``. All tensors are ``(B, T)``.
-
-    Attributes:
-        x: input token ids (int64).
-        y: next-token targets (int64, ``<pad>`` on padding).
-        is_answer: True where ``x`` is ``?`` (the target there is the answer).
-        task_id: task of the story at each position (0 on padding).
-        story_len: token count of the story at each position, ``len(tokens) + 1`` (0 on padding).
-        story_pos: index of the position inside its story, ``<eos>`` being 0 (-1 on padding).
-        seq_len: the window length used by :func:`iter_batches`.
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-    is_answer: torch.Tensor
-    task_id: torch.Tensor
-    story_len: torch.Tensor
-    story_pos: torch.Tensor
-    seq_len: int
-
-    @property
-    def num_windows(self) -> int:
-        """Number of ``seq_len`` windows per row."""
-        return self.x.shape[1] // self.seq_len
-
-
-@dataclass
-class CatbabiBatch:
-    """One ``(B, seq_len)`` window of a :class:`CatbabiStream` (same fields)."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    is_answer: torch.Tensor
-    task_id: torch.Tensor
-    story_len: torch.Tensor
-    story_pos: torch.Tensor
 
 
 def build_stream(
@@ -1046,70 +973,8 @@ def build_stream(
     seq_len: int = 200,
     shuffle_seed: int | None = None,
 ) -> CatbabiStream:
-    """Concatenate ``stories`` onto ``batch_size`` rows (each next story onto the shortest row).
-
-    With ``shuffle_seed`` the stories are taken in a seeded random order (training), else in the
-    given order (valid/test; use ``batch_size=1`` for the FWM test stream).
-    """
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError("batch_size and seq_len must be positive")
-    order = list(range(len(stories)))
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(order)
-    rows: list[dict[str, list[int]]] = [
-        {"x": [], "y": [], "t": [], "n": [], "p": []} for _ in range(batch_size)
-    ]
-    for k in order:
-        story = stories[k]
-        ids = encode(story.tokens)
-        row = min(rows, key=lambda r: len(r["x"]))
-        n = len(ids) + 1
-        row["x"] += [EOS_ID] + ids
-        row["y"] += ids + [EOS_ID]
-        row["t"] += [story.task_id] * n
-        row["n"] += [n] * n
-        row["p"] += list(range(n))
-    longest = max(len(r["x"]) for r in rows)
-    total = max(1, -(-longest // seq_len)) * seq_len
-    fill = {"x": PAD_ID, "y": PAD_ID, "t": 0, "n": 0, "p": -1}
-    for r in rows:
-        pad = total - len(r["x"])
-        for key, val in fill.items():
-            r[key] += [val] * pad
-
-    def stack(key: str) -> torch.Tensor:
-        return torch.tensor([r[key] for r in rows], dtype=torch.long)
-
-    x = stack("x")
-    return CatbabiStream(
-        x=x,
-        y=stack("y"),
-        is_answer=x == _INDEX["?"],
-        task_id=stack("t"),
-        story_len=stack("n"),
-        story_pos=stack("p"),
-        seq_len=seq_len,
-    )
-
-
-def iter_batches(stream: CatbabiStream) -> Iterator[CatbabiBatch]:
-    """The consecutive ``(B, seq_len)`` windows of ``stream`` (carry the model state across)."""
-    L = stream.seq_len
-    for w in range(stream.num_windows):
-        s = slice(w * L, (w + 1) * L)
-        yield CatbabiBatch(
-            x=stream.x[:, s],
-            y=stream.y[:, s],
-            is_answer=stream.is_answer[:, s],
-            task_id=stream.task_id[:, s],
-            story_len=stream.story_len[:, s],
-            story_pos=stream.story_pos[:, s],
-        )
-
-
-def qa_targets(y: torch.Tensor, is_answer: torch.Tensor) -> torch.Tensor:
-    """QA-mode targets: ``y`` where ``is_answer`` else ``<pad>`` (ignore_index=0 in the loss)."""
-    return torch.where(is_answer, y, torch.full_like(y, PAD_ID))
+    """:func:`ilm_megatron.data.catbabi.build_stream` with this generator's :data:`VOCAB`."""
+    return _data.build_stream(stories, _INDEX, batch_size, seq_len, shuffle_seed)
 
 
 DEFAULT_LENGTH_BINS = (50, 100, 200, 400)
@@ -1180,9 +1045,6 @@ class AccuracyMeter:
         }
 
 
-VOCAB_FILE = "vocab.json"
-
-
 def vocab_json() -> dict[str, object]:
     """The content of ``vocab.json``: tokens in id order and the special ids."""
     return {"tokens": list(VOCAB), "vocab_size": len(VOCAB), "pad_id": PAD_ID, "eos_id": EOS_ID}
@@ -1195,17 +1057,6 @@ def load_stream(
     seq_len: int = 200,
     shuffle_seed: int | None = None,
 ) -> CatbabiStream:
-    """The :class:`CatbabiStream` of ``DIR/{split}.txt`` written by ``tools/make_catbabi.py``.
-
-    ``vocab.json`` must list :data:`VOCAB` (build the model with ``vocab_size=len(VOCAB)``). FWM
-    settings: train ``batch_size=32`` with a ``shuffle_seed``, valid 128, test 1 (file order).
-    """
-    import json
-    import os
-
-    with open(os.path.join(data_dir, VOCAB_FILE), encoding="utf-8") as fh:
-        tokens = json.load(fh)["tokens"]
-    if tuple(tokens) != VOCAB:
-        raise ValueError(f"{data_dir}/{VOCAB_FILE} does not match this generator's vocabulary")
-    stories = read_stories(os.path.join(data_dir, f"{split}.txt"))
-    return build_stream(stories, batch_size, seq_len, shuffle_seed)
+    """:func:`ilm_megatron.data.catbabi.load_stream`, refusing a folder whose ``vocab.json`` is
+    not this generator's :data:`VOCAB` (build the model with ``vocab_size=len(VOCAB)``)."""
+    return _data.load_stream(data_dir, split, batch_size, seq_len, shuffle_seed, vocab=VOCAB)

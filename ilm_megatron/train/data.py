@@ -5,6 +5,10 @@
 * ``shards`` — pretraining text from WebDataset shards (``tools/preprocess_data.py``) through the
   :class:`~ilm_megatron.data.loader.StatefulLoader`: inputs ``tokens[:, :-1]``, next-token
   targets ``tokens[:, 1:]``; the state is the loader's exact position on every rank.
+* ``catbabi`` — CatbAbI windows (:class:`~ilm_megatron.data.catbabi.CatbabiData`); the state is
+  ``(epoch, windows consumed)``.
+
+Targets the loss skips are :data:`IGNORE` (-100).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import torch
 
 from ilm_megatron.config import Config
+from ilm_megatron.data.catbabi import IGNORE, CatbabiData
 from ilm_megatron.data.word_problem import sample_word_problem
 
 
@@ -139,93 +144,6 @@ class ShardData:
         return out
 
 
-IGNORE = -100  # targets the loss skips (F.cross_entropy's default ignore_index)
-
-
-class CatbabiData:
-    """CatbAbI windows (``tools/make_catbabi.py`` output in ``data.path``) as next-token pairs.
-
-    ``(x, y)`` each (b / world, seq_len); in QA mode (``data.catbabi_mode=qa``) only the answer
-    after each ``?`` is a target, in LM mode every non-pad token; other targets are ``-100``.
-    Epoch ``e`` is the train split streamed with shuffle seed ``seed + e``; the state is
-    ``(epoch, windows consumed)`` and resume re-builds the epoch's stream and skips to it.
-    """
-
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1) -> None:
-        from ilm_megatron.tasks.catbabi import VOCAB
-
-        d = cfg.data
-        if not d.path:
-            raise ValueError("data.task=catbabi needs data.path (a folder from make_catbabi.py)")
-        if cfg.model.vocab_size < len(VOCAB):
-            raise ValueError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the CatbAbI vocabulary "
-                f"({len(VOCAB)} tokens)"
-            )
-        if cfg.train.batch_size % world_size:
-            raise ValueError(
-                f"train.batch_size={cfg.train.batch_size} is not divisible by the "
-                f"data-parallel size {world_size}"
-            )
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.epoch, self.window = 0, 0
-        self._it = None
-        self.describe = f"CatbAbI {d.path} ({d.catbabi_mode} mode, windows of {d.seq_len})"
-
-    def _windows(self):
-        from ilm_megatron.tasks.catbabi import iter_batches, load_stream
-
-        d = self.cfg.data
-        stream = load_stream(
-            d.path, "train", self.cfg.train.batch_size, d.seq_len, self.cfg.train.seed + self.epoch
-        )
-        return iter_batches(stream)
-
-    def _targets(self, batch, this_rank: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        from ilm_megatron.tasks.catbabi import PAD_ID, qa_targets
-
-        y = batch.y if self.cfg.data.catbabi_mode == "lm" else qa_targets(batch.y, batch.is_answer)
-        y = torch.where(y == PAD_ID, torch.full_like(y, IGNORE), y)
-        if not this_rank:
-            return batch.x, y
-        per = batch.x.shape[0] // self.world_size
-        sl = slice(self.rank * per, (self.rank + 1) * per)
-        return batch.x[sl], y[sl]
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._it is None:
-            self._it = self._windows()
-            for _ in range(self.window):
-                next(self._it)
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self.epoch, self.window = self.epoch + 1, 0
-            self._it = self._windows()
-            batch = next(self._it)
-        self.window += 1
-        return self._targets(batch)
-
-    def val_batches(self, batch_size: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``n`` windows of the valid split (file order), with this mode's targets."""
-        from ilm_megatron.tasks.catbabi import iter_batches, load_stream
-
-        stream = load_stream(self.cfg.data.path, "valid", batch_size, self.cfg.data.seq_len)
-        out = []
-        for i, batch in enumerate(iter_batches(stream)):
-            if i >= n:
-                break
-            out.append(self._targets(batch, this_rank=False))  # every rank validates it all
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "window": self.window}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.window = int(state["epoch"]), int(state["window"])
-        self._it = None
-
-
 def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1):
     """The data source named by ``data.task``."""
     if cfg.data.task == "word_problem":
@@ -233,3 +151,12 @@ def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1):
     if cfg.data.task == "catbabi":
         return CatbabiData(cfg, rank, world_size)
     return ShardData(cfg, rank, world_size)
+
+
+__all__ = [
+    "IGNORE",
+    "CatbabiData",
+    "ShardData",
+    "WordProblemData",
+    "build_train_data",
+]
