@@ -229,11 +229,14 @@ class ParallelConfig:
     pp: int = 1
     microbatches: int = 1
     zero_stage: int = 0
+    # gradient buckets (MiB of fp32) of the data-parallel reduction and of ZeRO's reduce/gather
+    bucket_mb: float = 64.0
 
     def __post_init__(self) -> None:
         s = "parallel"
         for k in ("tp", "pp", "microbatches"):
             _check(getattr(self, k) >= 1, s, k, f"must be >= 1, got {getattr(self, k)}")
+        _check(self.bucket_mb > 0, s, "bucket_mb", f"must be > 0, got {self.bucket_mb}")
         _check(
             self.zero_stage in (0, 1, 2),
             s,
@@ -556,14 +559,6 @@ def check_layout(cfg: Config, world_size: int | None = None) -> None:
         "iterate_init",
         f"{m.iterate_init!r} with parallel.pp={par.pp}: the pipeline ring starts every solve "
         "from zeros; train with parallel.pp=1 (tensor and data parallelism work)",
-    )
-    _check(
-        mp == 1 or par.zero_stage <= 1,
-        "parallel",
-        "zero_stage",
-        f"{par.zero_stage} with {layout}: with tensor/pipeline parallelism the optimizer state "
-        "can be sharded over the data-parallel group (parallel.zero_stage=1), the gradients "
-        "cannot (ZeRO-2 runs on the DeepSpeed engine, which is data parallel only)",
     )
     _check(
         t.batch_size % par.microbatches == 0,

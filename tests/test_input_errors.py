@@ -106,9 +106,9 @@ def test_more_stages_than_layers_refused_at_load() -> None:
     load_config([], ["model.n_layers=3", "parallel.pp=3"])  # one layer per stage is enough
 
 
-def test_zero2_with_model_parallelism_refused_at_load() -> None:
-    msg = _refused(["model.n_layers=2", "parallel.pp=2", "parallel.zero_stage=2"])
-    assert "parallel.zero_stage: 2 with parallel.tp=1 x parallel.pp=2" in msg
+def test_bad_bucket_size_refused_and_zero2_with_model_parallelism_accepted() -> None:
+    assert "parallel.bucket_mb: must be > 0, got 0" in _refused(["parallel.bucket_mb=0"])
+    load_config([], ["model.n_layers=2", "parallel.pp=2", "parallel.zero_stage=2"])
 
 
 def test_batch_not_divisible_by_microbatches_refused_at_load() -> None:

@@ -78,8 +78,8 @@ def test_periodic_validation_and_parallel_keys_refused(tmp_path):
     with pytest.raises(ConfigError, match="parallel.pp=2 needs a multiple of 2 processes"):
         train(load_config([], ["parallel.pp=2", "model.n_layers=2"]), tmp_path / "pp", quiet=True)
     # what holds for every launch is refused when the config is loaded
-    with pytest.raises(ConfigError, match="parallel.zero_stage: 2 with parallel.tp=1 x"):
-        load_config([], ["parallel.pp=2", "model.n_layers=2", "parallel.zero_stage=2"])
+    with pytest.raises(ConfigError, match="parallel.pp: 3 pipeline stages need at least 3"):
+        load_config([], ["parallel.pp=3", "model.n_layers=2"])
     with pytest.raises(ConfigError, match=r"train.batch_size: 10 is not divisible by parallel.mi"):
         load_config([], ["train.batch_size=10", "parallel.microbatches=4"])
 

@@ -56,9 +56,11 @@ def check_parallel(cfg: Config) -> None:
 class MegatronMPU:
     """The ``mpu`` object DeepSpeed asks for, answered by Megatron's ``parallel_state``.
 
-    DeepSpeed calls ``get_model_parallel_*`` and ``get_data_parallel_*``; Megatron names the
-    former ``get_tensor_model_parallel_*``. The universal-checkpoint loader asks for the
-    Megatron names too.
+    DeepSpeed's "model parallel" group is where its ZeRO optimizer sums the gradient norm and the
+    overflow flag after the data-parallel group: Megatron's model-parallel group, TP x PP (every
+    rank holding a different part of one replica). DeepSpeed takes the tensor-parallel rank
+    from ``get_tensor_model_parallel_rank`` (a replicated parameter counts on TP rank 0 only).
+    The universal-checkpoint loader asks for the Megatron names too.
     """
 
     def __init__(self) -> None:
@@ -67,13 +69,13 @@ class MegatronMPU:
         self.ps = parallel_state
 
     def get_model_parallel_world_size(self) -> int:
-        return self.ps.get_tensor_model_parallel_world_size()
+        return dist.get_world_size(group=self.ps.get_model_parallel_group())
 
     def get_model_parallel_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_rank()
+        return dist.get_rank(group=self.ps.get_model_parallel_group())
 
     def get_model_parallel_group(self) -> Any:
-        return self.ps.get_tensor_model_parallel_group()
+        return self.ps.get_model_parallel_group()
 
     def get_tensor_model_parallel_world_size(self) -> int:
         return self.ps.get_tensor_model_parallel_world_size()

@@ -592,7 +592,11 @@ def _finish(
             + f", loss {ev['loss']:.4f}, solver iters {ev['iters_mean']:.1f}/"
             f"{ev['iters_max']:.0f}, residual max {ev['residual_max']:.2e}"
         )
-    result.final = {"eval": evals, "train": result.history[-1] if result.history else {}}
+    result.final = {
+        "eval": evals,
+        "train": result.history[-1] if result.history else {},
+        "engine": engine.describe(),  # the layout and engine in force
+    }
     engine.export(run_dir / "model.safetensors")
     if engine.is_rank0:
         _write_text_atomic(run_dir / "final.json", json.dumps(result.final, indent=2))

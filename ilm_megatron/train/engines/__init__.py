@@ -40,7 +40,6 @@ from ilm_megatron.train.engines.parallel_engine import ParallelEngine
 from ilm_megatron.train.losses import token_accuracy, token_loss
 from ilm_megatron.train.optim import (
     OPTIMIZER_FILE,
-    ShardedAdamW,
     adamw_state_by_name,
     adamw_state_from_single_process,
     load_adamw_state_by_name,
@@ -56,7 +55,6 @@ __all__ = [
     "EvalShare",
     "LocalEngine",
     "ParallelEngine",
-    "ShardedAdamW",
     "StepOutput",
     "adamw_state_by_name",
     "adamw_state_from_single_process",

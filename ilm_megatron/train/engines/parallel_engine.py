@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -32,7 +33,6 @@ from ilm_megatron.train.engines.base import (
 from ilm_megatron.train.losses import token_accuracy, token_loss
 from ilm_megatron.train.optim import (
     OPTIMIZER_FILE,
-    ShardedAdamW,
     adamw_state_by_name,
     adamw_state_from_single_process,
     load_adamw_state_by_name,
@@ -42,13 +42,19 @@ from ilm_megatron.train.optim import (
 
 
 class ParallelEngine(_DistributedBase):
-    """Tensor x pipeline x data parallelism on Megatron-Core's process groups (no ZeRO).
+    """Tensor x pipeline x data parallelism on Megatron-Core's process groups.
 
     Every rank builds the single-process model from ``train.seed`` on the CPU (so a run starts
     from the same weights whatever the layout) and keeps its tensor-parallel shard of the whole
     model; with ``pp > 1`` it trains the parameters of its pipeline stage only. Checkpoints are
     layout-free (``model.safetensors`` and ``optimizer.pt``: the whole model and its AdamW state,
     written by rank 0), plus each rank's data position; a run resumes at any layout.
+
+    Gradients are averaged over the data-parallel group in buckets of ``parallel.bucket_mb``
+    (:func:`~ilm_megatron.parallel.grad_sync.all_reduce_bucketed`), or, with
+    ``parallel.zero_stage`` 1 or 2, reduced and partitioned by DeepSpeed's ZeRO optimizer
+    (:class:`~ilm_megatron.train.engines.zero.DeepSpeedZero`), which then owns the norm, the
+    clipping and the update.
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -94,14 +100,11 @@ class ParallelEngine(_DistributedBase):
         self.params = params
         owned = {id(p) for p in params}
         self.named = [(n, p) for n, p in self.model.named_parameters() if id(p) in owned]
-        # ZeRO-1 (parallel.zero_stage=1): AdamW state sharded over the data-parallel group
-        self.zero = cfg.parallel.zero_stage == 1 and self.dp_size > 1
-        if self.zero:
-            self.opt: Any = ShardedAdamW(
-                self.named, cfg, ps.get_data_parallel_group(), self.dp_rank, self.dp_size
-            )
-        else:
-            self.opt = new_optimizer(self.named, cfg)
+        # ZeRO-1/2 (parallel.zero_stage): DeepSpeed's ZeRO optimizer partitions the AdamW state
+        # (and the reduced gradients) over the data-parallel group; it is built in setup(),
+        # once the weights are final (its fp32 partitions are copies of them)
+        self.zero = cfg.parallel.zero_stage in (1, 2) and self.dp_size > 1
+        self.opt: Any = None if self.zero else new_optimizer(self.named, cfg)
         self.is_last_stage = self.pp_rank == self.pp - 1
         # parameters whose gradient enters the global norm on this rank: every TP shard, a
         # replicated parameter on TP rank 0 only, the tied embedding on the first stage only
@@ -132,6 +135,51 @@ class ParallelEngine(_DistributedBase):
         accs: list[float] = []
         stats: list[SolverStats] = []
         reports = self.is_last_stage and self.tp_rank == 0  # one reporter per DP replica
+        with self.opt.accumulate() if self.zero else contextlib.nullcontext():
+            stats = self._forward_backward(xs, ys, solver, hook, losses, accs, stats)
+        if self.zero:
+            gnorm, applied = self.opt.step()
+        else:
+            self._reduce_data_parallel()
+            gnorm = self._global_grad_norm()
+            applied = math.isfinite(gnorm)
+            if applied:
+                clip = self.cfg.train.clip_grad
+                if clip and gnorm > clip:
+                    scale = clip / (gnorm + 1e-6)
+                    for p in self.params:
+                        if p.grad is not None:
+                            p.grad.mul_(scale)
+                self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        # loss, accuracy and the stop flag summed over every rank (reporters only for the first two)
+        n_rep = len(losses) if reports else 0
+        lsum, asum, count, stops = self.all_reduce_sum(
+            [sum(losses) if reports else 0.0, sum(accs) if reports else 0.0, n_rep, float(stop)]
+        )
+        merged = self._share_stats(merge_stats(stats) if reports and stats else None, x.shape[0])
+        return StepOutput(
+            lsum / count if applied else float("nan"),
+            asum / count,
+            gnorm if applied else float("nan"),
+            applied,
+            merged,
+            stops > 0,
+        )
+
+    def _forward_backward(
+        self,
+        xs: list[torch.Tensor],
+        ys: list[torch.Tensor],
+        solver: SolverConfig,
+        hook: Callable,
+        losses: list[float],
+        accs: list[float],
+        stats: list[SolverStats],
+    ) -> list[SolverStats]:
+        """Forward and backward of the step's micro-batches ``xs``/``ys`` (each (b, l)): the
+        gradients accumulate on the parameters; returns the solver statistics."""
+        mb = self.cfg.parallel.microbatches
         if self.stage is None:
             for xc, yc in zip(xs, ys):
                 loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats, solver)
@@ -162,45 +210,20 @@ class ParallelEngine(_DistributedBase):
                 gather_logits=not sharded,
             )
             stats = pstats.solver
-        self._reduce_data_parallel()
-        gnorm = self._global_grad_norm()
-        applied = math.isfinite(gnorm)
-        if applied:
-            clip = self.cfg.train.clip_grad
-            if clip and gnorm > clip:
-                scale = clip / (gnorm + 1e-6)
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        # loss, accuracy and the stop flag summed over every rank (reporters only for the first two)
-        n_rep = len(losses) if reports else 0
-        lsum, asum, count, stops = self.all_reduce_sum(
-            [sum(losses) if reports else 0.0, sum(accs) if reports else 0.0, n_rep, float(stop)]
-        )
-        merged = self._share_stats(merge_stats(stats) if reports and stats else None, x.shape[0])
-        return StepOutput(
-            lsum / count if applied else float("nan"),
-            asum / count,
-            gnorm if applied else float("nan"),
-            applied,
-            merged,
-            stops > 0,
-        )
+        return stats
 
     def _reduce_data_parallel(self) -> None:
-        """Average the gradients over the data-parallel group (one flat buffer)."""
+        """Average the gradients over the data-parallel group, in ``parallel.bucket_mb`` buckets."""
         if self.dp_size == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat, group=self.ps.get_data_parallel_group())
-        flat /= self.dp_size
-        offset = 0
-        for p, g in zip(self.params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
-            offset += g.numel()
+        from ilm_megatron.parallel.grad_sync import all_reduce_bucketed
+
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
+        bucket = int(self.cfg.parallel.bucket_mb * 2**20)
+        all_reduce_bucketed(grads, self.ps.get_data_parallel_group(), bucket)
 
     def _global_grad_norm(self) -> float:
         """L2 norm of the whole model's gradient (collective over the model-parallel group)."""
@@ -383,6 +406,7 @@ class ParallelEngine(_DistributedBase):
         from ilm_megatron.parallel.checkpoint import load_full_state_dict
 
         if latest is None:
+            self._build_zero()
             return None
         _refuse_deepspeed_checkpoint(latest)
         shared = torch.load(latest / "trainer.pt", weights_only=True)
@@ -404,11 +428,25 @@ class ParallelEngine(_DistributedBase):
             full = torch.load(latest / OPTIMIZER_FILE, weights_only=True, mmap=True)
         else:  # a single-process checkpoint: AdamW state by parameter index
             full = adamw_state_from_single_process(self.model, shared["optimizer"])
+        self._build_zero()  # after the weights: its fp32 partitions are copies of them
         if self.zero:
-            self.opt.sync_master()
             self.opt.load_by_name(local_adamw_state(self.named, full, self.tp_rank, self.tp))
         else:
             load_adamw_state_by_name(self.opt, self.named, full, self.tp_rank, self.tp)
         if saved != self._layout():
             state = {**state, "resumed_from": f" (written by {was})"}
         return state
+
+    def _build_zero(self) -> None:
+        """DeepSpeed's ZeRO optimizer over this rank's parameters (``parallel.zero_stage`` 1/2
+        with several data-parallel replicas); collective over the data-parallel group."""
+        if not self.zero or self.opt is not None:
+            return
+        from ilm_megatron.train.engines.zero import DeepSpeedZero
+
+        module = self.stage if self.stage is not None else self.model
+        replicas = []
+        if self.stage is not None and self.stage.tied and self.is_last_stage:
+            replicas = [self.model.embedding.weight]  # stage 0 counts it in the norm
+        per_rank = self.cfg.train.batch_size // self.dp_size
+        self.opt = DeepSpeedZero(module, self.named, self.cfg, per_rank, replicas)
