@@ -57,6 +57,9 @@ class ModelConfig:
     # layer implementation chosen through the spec: "local" (pure PyTorch) or "tp" (tensor-parallel
     # layers over Megatron's TP group); load_config switches "local" to "tp" when parallel.tp > 1
     backend: str = "local"
+    # sequence parallelism in the simultaneous (training) forward under TP: set by load_config
+    # from parallel.sequence_parallel; inert without tensor parallelism
+    sequence_parallel: bool = False
     # Implicit models only: multiply the initial weights that read the iterate z (mixer input
     # projection, MLP fc1) by this factor. < 1 makes F contractive at initialisation so the solve
     # converges from the first step; 1.0 is the reference initialisation.
@@ -231,6 +234,9 @@ class ParallelConfig:
     zero_stage: int = 0
     # gradient buckets (MiB of fp32) of the data-parallel reduction and of ZeRO's reduce/gather
     bucket_mb: float = 64.0
+    # Megatron's sequence parallelism under TP: norms, residual stream and the fixed-point
+    # iterate split along the sequence over the TP group (docs/parallelism.md)
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         s = "parallel"
@@ -537,7 +543,8 @@ def check_layout(cfg: Config, world_size: int | None = None) -> None:
     Runs at config load (before any process group exists), so a bad layout under ``torchrun``
     fails in seconds instead of after the model is built. Without ``world_size`` (the launcher's
     ``WORLD_SIZE``, unknown in a plain process) only what holds for every world size is checked:
-    each pipeline stage needs a layer, ZeRO-2 is data parallel only, and the global batch splits
+    each pipeline stage needs a layer, sequence parallelism has one stage and a sequence the TP
+    size divides, and the global batch splits
     into ``parallel.microbatches`` equal micro-batches. With it: the world is a multiple of
     ``tp * pp`` and the batch splits over the ``world / (tp * pp)`` data-parallel ranks too.
 
@@ -559,6 +566,20 @@ def check_layout(cfg: Config, world_size: int | None = None) -> None:
         "iterate_init",
         f"{m.iterate_init!r} with parallel.pp={par.pp}: the pipeline ring starts every solve "
         "from zeros; train with parallel.pp=1 (tensor and data parallelism work)",
+    )
+    _check(
+        not (par.sequence_parallel and par.pp > 1),
+        "parallel",
+        "sequence_parallel",
+        f"true with parallel.pp={par.pp}: sequence parallelism runs with tensor and data "
+        "parallelism (parallel.pp=1) for now",
+    )
+    _check(
+        not par.sequence_parallel or cfg.data.seq_len % par.tp == 0,
+        "data",
+        "seq_len",
+        f"{cfg.data.seq_len} is not a multiple of parallel.tp={par.tp}, which "
+        "parallel.sequence_parallel=true splits it over",
     )
     _check(
         t.batch_size % par.microbatches == 0,
@@ -595,6 +616,9 @@ def _validate_tensor_parallel(cfg: Config) -> Config:
         return cfg
     if m.backend == "local":
         m = replace(m, backend="tp")
+        cfg = replace(cfg, model=m)
+    if cfg.parallel.sequence_parallel and not m.sequence_parallel:
+        m = replace(m, sequence_parallel=True)
         cfg = replace(cfg, model=m)
     if m.arch == "mamba2":
         dims = {"nheads": m.d_inner // m.headdim, "ngroups": m.ngroups}

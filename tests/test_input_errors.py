@@ -106,6 +106,14 @@ def test_more_stages_than_layers_refused_at_load() -> None:
     load_config([], ["model.n_layers=3", "parallel.pp=3"])  # one layer per stage is enough
 
 
+def test_sequence_parallel_layout_refused_at_load() -> None:
+    msg = _refused(["model.n_layers=2", "parallel.pp=2", "parallel.sequence_parallel=true"])
+    assert "parallel.sequence_parallel: true with parallel.pp=2" in msg
+    msg = _refused(["parallel.tp=2", "model.ngroups=2", "data.seq_len=7",
+                    "parallel.sequence_parallel=true"])  # fmt: skip
+    assert "data.seq_len: 7 is not a multiple of parallel.tp=2" in msg
+
+
 def test_bad_bucket_size_refused_and_zero2_with_model_parallelism_accepted() -> None:
     assert "parallel.bucket_mb: must be > 0, got 0" in _refused(["parallel.bucket_mb=0"])
     load_config([], ["model.n_layers=2", "parallel.pp=2", "parallel.zero_stage=2"])

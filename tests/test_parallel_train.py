@@ -275,3 +275,17 @@ def test_pp2_dp2_zero2_resumes_at_tp2_dp2_zero1(
     torchrun_train(run, *BASE, "parallel.tp=2", "parallel.zero_stage=1", nproc=4)
     assert "TP=2, PP=1, DP=2, ZeRO-1" in _engine(run)
     _close(run, reference)
+
+
+def test_tp2_sequence_parallel_matches_single_process(tmp_path: Path, reference: Path) -> None:
+    """ilm-train at TP=2 with sequence parallelism: the run records the setting in force and
+    follows the single-process curve (the solver's residual summed over the TP group)."""
+    from ilm_megatron.config import load_config as load
+
+    run = tmp_path / "run"
+    torchrun_train(
+        run, *BASE, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.microbatches=2"
+    )
+    saved = load([run / "config.yaml"], [])
+    assert saved.parallel.sequence_parallel and saved.model.sequence_parallel
+    _close(run, reference)

@@ -21,18 +21,26 @@ TOL = 1e-5
     "arch, overrides",
     [("mamba2", ("model.ngroups=2",)), ("llama", ())],
 )
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "sequence_parallel"])
 @pytest.mark.slow
-def test_tp2_matches_single_process(tmp_path, arch: str, overrides: tuple[str, ...]) -> None:
+def test_tp2_matches_single_process(
+    tmp_path, arch: str, overrides: tuple[str, ...], sp: bool
+) -> None:
+    """Training-mode logits, loss, every gradient, iterations, eval, checkpoint and sequential
+    decoding at TP=2 against one process; with sequence parallelism the iterate (and the norms
+    and residual stream) hold half of the 12 positions on each rank."""
     from _dist import run_workers
 
     from ilm_megatron.parallel.compare import compare_with_single_process
 
-    cfg = tiny_config(arch, overrides=(*overrides, "parallel.tp=2"))
-    assert cfg.model.backend == "tp"
+    extra = ("parallel.sequence_parallel=true",) if sp else ()
+    cfg = tiny_config(arch, overrides=(*overrides, "parallel.tp=2", *extra))
+    assert cfg.model.backend == "tp" and cfg.model.sequence_parallel == sp
     res_path, ckpt = tmp_path / "res.json", tmp_path / "ckpt.pt"
     run_workers(compare_with_single_process, 2, cfg, 1234, str(res_path), str(ckpt))
     r = json.loads(res_path.read_text())
     assert r["tp"] == 2
+    assert r["sequence_parallel"] == sp and r["iterate_positions_per_rank"] == (6 if sp else 12)
     assert r["embedding_rows_per_rank"] == cfg.model.padded_vocab_size // 2  # vocab-parallel
     assert r["grad_name_mismatch"] == []
     assert r["max_abs_logit_diff"] < TOL, r

@@ -141,7 +141,7 @@ def flag_overrides(args: argparse.Namespace, pp: int | None = None) -> list[str]
         f"data.seq_len={args.seq_len}",
         f"train.batch_size={args.batch * args.microbatches}",
         "train.global_batch_tokens=0",
-    ]
+    ] + (["parallel.sequence_parallel=true"] if args.sequence_parallel else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--seq-len", type=positive_int, default=None, help="tokens per sequence (data.seq_len; 12)"
+    )
+    ap.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="norms, residual stream and iterate split along the sequence over TP "
+        "(parallel.sequence_parallel=true)",
     )
     ap.add_argument("--init-checkpoint", help="take both models' weights from this checkpoint")
     ap.add_argument("--tol", type=float, default=1e-5)

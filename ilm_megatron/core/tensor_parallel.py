@@ -7,6 +7,15 @@
 * :class:`RowParallelLinear`: the input is sharded along features, the partial products are
   all-reduced (one all-reduce per layer in forward, identity in backward); the bias is replicated.
 
+Sequence parallelism (``parallel.sequence_parallel``, Megatron's): inside
+:func:`sequence_parallel_region` the activations between the TP layers (norms, the residual
+stream, the fixed-point iterate) are kept split along the sequence, (b, l / tp, d) per rank. A
+column layer all-gathers its input along the sequence first (reduce-scatter of the gradient), a
+row layer reduce-scatters its output instead of all-reducing it (all-gather of the gradient),
+the embedding reduce-scatters its partial lookups. Replicated parameters used there (the norms)
+then see only this rank's positions: :func:`reduce_sequence_parallel_grads` sums their gradients
+over the TP group after backward.
+
 Every sharded parameter carries a layout (:func:`set_tp_layout`): the dimension it is split along
 and the global sizes of its packed components. :mod:`ilm_megatron.parallel.checkpoint` uses it to
 gather a sharded model into the single-process state dict and to shard a full one.
@@ -14,7 +23,8 @@ gather a sharded model into the single-process state dict and to shard a full on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -68,6 +78,102 @@ class _ReduceFromTP(torch.autograd.Function):
         return g
 
 
+_SP = {"active": False}
+
+
+@contextlib.contextmanager
+def sequence_parallel_region(enabled: bool = True) -> Iterator[None]:
+    """Inside the block (with ``enabled`` and TP > 1) the TP layers keep activations split along
+    the sequence (dim 1): column layers gather, row layers and the embedding reduce-scatter."""
+    before = _SP["active"]
+    _SP["active"] = bool(enabled) and tp_world_size() > 1
+    try:
+        yield
+    finally:
+        _SP["active"] = before
+
+
+def sequence_parallel_active() -> bool:
+    """Whether the TP layers run in the sequence-parallel layout now."""
+    return _SP["active"]
+
+
+def _gather_seq(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(tp_world_size())]
+    dist.all_gather(parts, x, group=tp_group())
+    return torch.cat(parts, dim=1)
+
+
+def _reduce_scatter_seq(x: torch.Tensor) -> torch.Tensor:
+    tp = tp_world_size()
+    if x.shape[1] % tp:
+        raise ValueError(
+            f"sequence parallelism needs the sequence length ({x.shape[1]}) to be a multiple of "
+            f"the tensor-parallel size {tp}"
+        )
+    chunks = [c.contiguous() for c in x.chunk(tp, dim=1)]
+    out = torch.empty_like(chunks[0])
+    dist.reduce_scatter(out, chunks, group=tp_group())
+    return out
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather along the sequence forward; reduce-scatter of the gradient (column inputs)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _gather_seq(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _reduce_scatter_seq(g)
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    """Reduce-scatter along the sequence forward; all-gather of the gradient (row outputs)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _reduce_scatter_seq(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _gather_seq(g)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """(b, l / tp, ...) on each rank -> (b, l, ...) on every rank, for a column-parallel
+    consumer (the gradient, partial per rank, is reduce-scattered)."""
+    return _GatherSeq.apply(x) if tp_world_size() > 1 else x
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Partial (b, l, ...) on each rank -> this rank's (b, l / tp, ...) slice of the sum."""
+    return _ReduceScatterSeq.apply(x) if tp_world_size() > 1 else x
+
+
+def tp_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the TP group (no autograd; a new tensor)."""
+    return _all_reduce(x)
+
+
+def sequence_parallel_grad_params(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """The replicated (layout-free) parameters of ``params``: under sequence parallelism each TP
+    rank's gradient of them covers only its positions."""
+    return [p for p in params if get_tp_layout(p) is None]
+
+
+def reduce_sequence_parallel_grads(params: Iterable[nn.Parameter]) -> None:
+    """Sum the gradients of the replicated parameters over the TP group (after backward under
+    sequence parallelism; a parameter without a gradient on every rank is skipped everywhere)."""
+    if tp_world_size() == 1:
+        return
+    for p in sequence_parallel_grad_params(params):
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=tp_group())
+
+
 def copy_to_tp_region(x: torch.Tensor) -> torch.Tensor:
     """Replicated activation entering TP-local compute (gradients summed over ranks)."""
     return _CopyToTP.apply(x) if tp_world_size() > 1 else x
@@ -76,6 +182,22 @@ def copy_to_tp_region(x: torch.Tensor) -> torch.Tensor:
 def reduce_from_tp_region(x: torch.Tensor) -> torch.Tensor:
     """Sum partial results of all TP ranks."""
     return _ReduceFromTP.apply(x) if tp_world_size() > 1 else x
+
+
+def _column_input(x: torch.Tensor) -> torch.Tensor:
+    """The input of a column-parallel product: gathered along the sequence under sequence
+    parallelism, else replicated (its gradient all-reduced)."""
+    if sequence_parallel_active():
+        return gather_from_sequence_parallel_region(x)
+    return copy_to_tp_region(x)
+
+
+def _row_output(y: torch.Tensor) -> torch.Tensor:
+    """The partial sums of a row-parallel product: reduce-scattered along the sequence under
+    sequence parallelism, else all-reduced."""
+    if sequence_parallel_active():
+        return reduce_scatter_to_sequence_parallel_region(y)
+    return reduce_from_tp_region(y)
 
 
 class _GatherFromTP(torch.autograd.Function):
@@ -190,8 +312,8 @@ class ColumnParallelLinear(nn.Module):
             set_tp_layout(self.bias, 0, parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in) replicated -> (..., out_local)."""
-        return F.linear(copy_to_tp_region(x), self.weight, self.bias)
+        """x: (..., in) replicated (sequence parallel: (b, l / tp, in)) -> (..., out_local)."""
+        return F.linear(_column_input(x), self.weight, self.bias)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -222,17 +344,17 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(ids, self.weight)
         outside = (ids < self.start) | (ids >= self.end)
         local = F.embedding((ids - self.start).masked_fill(outside, 0), self.weight)
-        return reduce_from_tp_region(local.masked_fill(outside.unsqueeze(-1), 0.0))
+        return _row_output(local.masked_fill(outside.unsqueeze(-1), 0.0))
 
 
 def vocab_parallel_logits(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """z (..., d) replicated, weight (V / tp, d) this rank's vocabulary rows -> logits (..., V)."""
-    return gather_from_tp_region(F.linear(copy_to_tp_region(z), weight))
+    return gather_from_tp_region(F.linear(_column_input(z), weight))
 
 
 def vocab_parallel_logits_local(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """z (..., d) replicated, weight (V / tp, d) -> this rank's logits columns (..., V / tp)."""
-    return F.linear(copy_to_tp_region(z), weight)
+    return F.linear(_column_input(z), weight)
 
 
 def _local_columns(logits: torch.Tensor, vocab: int) -> tuple[torch.Tensor, int]:
@@ -352,6 +474,7 @@ class RowParallelLinear(nn.Module):
         set_tp_layout(self.weight, 1, parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in_local) -> (..., out) summed over TP ranks."""
-        y = reduce_from_tp_region(F.linear(x, self.weight))
+        """x: (..., in_local) -> (..., out) summed over TP ranks (sequence parallel: this rank's
+        (b, l / tp, out) slice of the sum)."""
+        y = _row_output(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias

@@ -63,15 +63,34 @@ class SolverStats:
         }
 
 
-def relative_residual(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``|F(z) - z|_2 / (|F(z)|_2 + 1e-9)`` over all but the first dim. -> (b,)."""
-    diff = (fz - z).flatten(1).float().norm(dim=1)
-    return diff / (fz.flatten(1).float().norm(dim=1) + EPS)
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def relative_residual(
+    fz: torch.Tensor, z: torch.Tensor, reduce: Reduce | None = None
+) -> torch.Tensor:
+    """Per-sample ``|F(z) - z|_2 / (|F(z)|_2 + 1e-9)`` over all but the first dim. -> (b,).
+
+    ``reduce``: when each process holds part of every sample (sequence parallelism), sums the
+    (b, 2) squared norms over the processes holding the other parts.
+    """
+    if reduce is None:
+        diff = (fz - z).flatten(1).float().norm(dim=1)
+        return diff / (fz.flatten(1).float().norm(dim=1) + EPS)
+    sq = torch.stack(
+        [(fz - z).flatten(1).float().pow(2).sum(1), fz.flatten(1).float().pow(2).sum(1)], dim=1
+    )
+    sq = reduce(sq)
+    return sq[:, 0].sqrt() / (sq[:, 1].sqrt() + EPS)
 
 
 @torch.no_grad()
 def solve(
-    f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, max_iter: int, tol: float
+    f: Callable[[torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, SolverStats]:
     """Undamped fixed-point iteration with per-sample best iterate.
 
@@ -80,6 +99,8 @@ def solve(
         z0: (b, ...) initial iterate.
         max_iter: at most this many evaluations of ``f`` (0 returns ``z0``).
         tol: stop when every sample's relative residual is below ``tol``.
+        reduce: sums per-sample squared norms over the processes that hold the rest of each
+            sample (:func:`relative_residual`); None when ``z`` is whole here.
 
     Returns:
         ``(z_star (b, ...), stats)``; ``z_star`` holds no autograd history.
@@ -94,7 +115,7 @@ def solve(
     while it < max_iter:
         fz = f(z)
         it += 1
-        res = relative_residual(fz, z)
+        res = relative_residual(fz, z, reduce)
         better = res < best_res
         mask = better.view(b, *([1] * (z.dim() - 1)))
         best = torch.where(mask, fz, best)
@@ -116,6 +137,7 @@ def solve_damped_reference(
     max_iter: int,
     tol: float,
     damping: float = 0.8,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, SolverStats]:
     """The reference code's evaluation loop.
 
@@ -132,12 +154,16 @@ def solve_damped_reference(
     while it < max_iter:
         fz = f(z)
         it += 1
-        batch_res = (fz - z).float().norm() / (fz.float().norm() + EPS)
+        if reduce is None:
+            batch_res = (fz - z).float().norm() / (fz.float().norm() + EPS)
+        else:
+            sq = reduce(torch.stack([(fz - z).float().pow(2).sum(), fz.float().pow(2).sum()]))
+            batch_res = sq[0].sqrt() / (sq[1].sqrt() + EPS)
         z = damping * fz + (1.0 - damping) * z
         if batch_res.item() < tol:
             break
     fz = f(z)
     it += 1
-    res = relative_residual(fz, z)
+    res = relative_residual(fz, z, reduce)
     iters = torch.full((b,), it, device=z0.device, dtype=torch.long)
     return fz, SolverStats(it, res, iters, tol, "reference")

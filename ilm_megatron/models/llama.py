@@ -94,11 +94,14 @@ class SelfAttention(nn.Module):
         return (self.d_model, self.d_model, self.d_model)
 
     def _qkv(
-        self, h: torch.Tensor, u: torch.Tensor | None, positions: torch.Tensor
+        self, h: torch.Tensor, u: torch.Tensor | None, positions: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h: (b, l, d), u: (b, l, 3d / tp) -> q, k, v each (b, a/tp, l, e), RoPE on q and k."""
-        b, l, _ = h.shape
+        """h: (b, l, d), u: (b, l, 3d / tp) -> q, k, v each (b, a/tp, l, e), RoPE on q and k at
+        ``positions`` (default ``0..l-1``; sequence parallel: h holds l / tp positions, q all l)."""
         qkv = self.qkv_proj(h)
+        b, l, _ = qkv.shape
+        if positions is None:
+            positions = torch.arange(l, device=qkv.device)
         if u is not None:
             qkv = qkv + u
         q, k, v = (
@@ -111,8 +114,8 @@ class SelfAttention(nn.Module):
         self, h: torch.Tensor, u: torch.Tensor | None = None, return_cache: bool = False
     ) -> tuple[torch.Tensor, KVCache | None]:
         """h: (b, l, d), u: (b, l, 3d) or None -> (out (b, l, d), KV cache of all positions)."""
-        b, l, _ = h.shape
-        q, k, v = self._qkv(h, u, torch.arange(l, device=h.device))
+        q, k, v = self._qkv(h, u, None)
+        b, l = q.shape[0], q.shape[2]
         o = causal_attention(q, k, v, self.kernel_backend)
         out = self.out_proj(o.transpose(1, 2).reshape(b, l, self.d_local))
         return out, (KVCache(k, v) if return_cache else None)

@@ -29,13 +29,15 @@ from ilm_megatron.core.parallel_state import model_tp_size
 from ilm_megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
+    sequence_parallel_region,
     set_tp_layout,
+    tp_sum,
     vocab_parallel_logits,
     vocab_parallel_logits_local,
 )
 from ilm_megatron.implicit.phantom import phantom_steps, phantom_steps_recompute
 from ilm_megatron.implicit.sequential import solve_token
-from ilm_megatron.implicit.solver import SolverStats, solve, solve_damped_reference
+from ilm_megatron.implicit.solver import Reduce, SolverStats, solve, solve_damped_reference
 from ilm_megatron.models.layers import Linear, RMSNorm
 from ilm_megatron.models.specs import get_stack_spec
 from ilm_megatron.models.stack import upcast
@@ -174,6 +176,20 @@ class ImplicitLM(nn.Module):
             :class:`LMOutput` with logits (b, l, padded_vocab) and solver statistics. In training
             mode the logits come from the phantom steps and carry gradients.
         """
+        sp = self.sequence_parallel and ids.shape[1] % model_tp_size(self.config) == 0
+        with sequence_parallel_region(sp):
+            return self._forward(ids, max_iter, solver, gather_logits, sp)
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        max_iter: int | None,
+        solver: SolverConfig | None,
+        gather_logits: bool,
+        sp: bool,
+    ) -> LMOutput:
+        """:meth:`forward`; under sequence parallelism (``sp``) ``e``, ``z`` and the solver's
+        residual are this rank's (b, l / tp, d) positions, the residual summed over TP."""
         e, u = self.embed(ids)
         if not self.implicit:
             z, _ = self.stack(e)
@@ -181,10 +197,11 @@ class ImplicitLM(nn.Module):
         s = self.solver_config if solver is None else solver
         f = self.stack_fn(u)
         z0 = self.initial_iterate(e)
+        reduce = tp_sum if sp else None
         if self.training and torch.is_grad_enabled():
             cap = s.f_max_iter if max_iter is None else max_iter
             with self.cached_weights():  # weight norm: each weight once for the whole solve
-                z_star, stats = solve(f, z0, cap, s.f_tol)
+                z_star, stats = solve(f, z0, cap, s.f_tol, reduce)
             if s.phantom_impl == "recompute":
                 inputs = [u, *(p for p in self.stack.parameters() if p.requires_grad)]
                 z = phantom_steps_recompute(f, z_star, s.phantom_steps, s.phantom_damping, inputs)
@@ -193,8 +210,14 @@ class ImplicitLM(nn.Module):
                     z = phantom_steps(f, z_star, s.phantom_steps, s.phantom_damping)
         else:
             with self.cached_weights():
-                z, stats = self.solve_eval(f, z0, max_iter)
+                z, stats = self.solve_eval(f, z0, max_iter, reduce)
         return LMOutput(self.head(z, gather_logits), stats, hidden=z)
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether the simultaneous forward runs sequence parallel (``model.sequence_parallel``
+        under tensor parallelism; a sequence the TP size does not divide runs without)."""
+        return self.config.sequence_parallel and model_tp_size(self.config) > 1
 
     def initial_iterate(self, e: torch.Tensor) -> torch.Tensor:
         """The solver's starting point z0 for embeddings e (..., d): zeros, or e itself
@@ -212,14 +235,15 @@ class ImplicitLM(nn.Module):
         return contextlib.nullcontext()
 
     def solve_eval(
-        self, f, z0: torch.Tensor, max_iter: int | None = None
+        self, f, z0: torch.Tensor, max_iter: int | None = None, reduce: Reduce | None = None
     ) -> tuple[torch.Tensor, SolverStats]:
-        """The evaluation solve chosen by ``solver.eval_solver``."""
+        """The evaluation solve chosen by ``solver.eval_solver`` (``reduce``: see
+        :func:`~ilm_megatron.implicit.solver.solve`)."""
         s = self.solver_config
         cap = self.eval_max_iter() if max_iter is None else max_iter
         if s.eval_solver == "reference":
-            return solve_damped_reference(f, z0, cap, self.eval_tol(), s.eval_damping)
-        return solve(f, z0, cap, self.eval_tol())
+            return solve_damped_reference(f, z0, cap, self.eval_tol(), s.eval_damping, reduce)
+        return solve(f, z0, cap, self.eval_tol(), reduce)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, max_iter: int | None = None) -> LMOutput:

@@ -140,8 +140,8 @@ class Mamba2Mixer(nn.Module):
         Returns:
             ``(out (b, l, d), cache or None)``.
         """
-        b, l, _ = h.shape
-        zxbcdt = self.in_proj(h)
+        zxbcdt = self.in_proj(h)  # sequence parallel: h holds l / tp positions, zxbcdt all l
+        b, l, _ = zxbcdt.shape
         if u is not None:
             zxbcdt = zxbcdt + u
         gate, xbc, dt = self._split(zxbcdt)

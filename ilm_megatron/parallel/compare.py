@@ -42,6 +42,7 @@ from ilm_megatron.core.parallel_state import (
     pp_world_size,
     tp_world_size,
 )
+from ilm_megatron.core.tensor_parallel import reduce_sequence_parallel_grads
 
 STEP_LR = 0.5  # SGD step before the checkpoint (moves every weight with a gradient visibly)
 
@@ -180,6 +181,8 @@ def compare_parallel(
 
     if pp == 1:
         lg_par, loss_par, it_par, sit_par = _train_single(par, xs, ys, scale)
+        if par.sequence_parallel:  # the norms' gradients cover this rank's positions only
+            reduce_sequence_parallel_grads(par.parameters())
     else:
         stage = split_model_into_stages(par, s_idx, pp)
         losses, stats = ring(backward=True)
@@ -229,12 +232,14 @@ def compare_parallel(
         ckpt_diff = max(_max_diff(lg_single, lg_step), _max_diff(lg_single, lg_ref_step))
 
     eval_diff = seq_diff = 0.0
+    positions = None
     if pp == 1:
         with torch.no_grad():
             ref.eval()
             par.eval()
             x = xs[0]
             ev_ref, ev_par = ref(x), par(x)
+            positions = ev_par.hidden.shape[1]  # of the iterate on this rank
             iters_ok &= torch.equal(ev_ref.stats.sample_iters, ev_par.stats.sample_iters)
             eval_diff = (ev_ref.logits - ev_par.logits).abs().max().item()
             xq = x[:, :seq_decode_len]
@@ -259,6 +264,8 @@ def compare_parallel(
     result = {
         "tp": tp,
         "pp": pp,
+        "sequence_parallel": par.sequence_parallel,
+        "iterate_positions_per_rank": positions,  # seq_len / tp under sequence parallelism
         # rows of the embedding table on this rank (padded vocabulary / tp under TP)
         "embedding_rows_per_rank": int(par.embedding.weight.shape[0]),
         "microbatches": n_mb,
