@@ -543,8 +543,8 @@ def check_layout(cfg: Config, world_size: int | None = None) -> None:
     Runs at config load (before any process group exists), so a bad layout under ``torchrun``
     fails in seconds instead of after the model is built. Without ``world_size`` (the launcher's
     ``WORLD_SIZE``, unknown in a plain process) only what holds for every world size is checked:
-    each pipeline stage needs a layer, sequence parallelism has one stage and a sequence the TP
-    size divides, and the global batch splits
+    each pipeline stage needs a layer, sequence parallelism needs sequence lengths the TP size
+    divides, and the global batch splits
     into ``parallel.microbatches`` equal micro-batches. With it: the world is a multiple of
     ``tp * pp`` and the batch splits over the ``world / (tp * pp)`` data-parallel ranks too.
 
@@ -568,17 +568,17 @@ def check_layout(cfg: Config, world_size: int | None = None) -> None:
         "from zeros; train with parallel.pp=1 (tensor and data parallelism work)",
     )
     _check(
-        not (par.sequence_parallel and par.pp > 1),
-        "parallel",
-        "sequence_parallel",
-        f"true with parallel.pp={par.pp}: sequence parallelism runs with tensor and data "
-        "parallelism (parallel.pp=1) for now",
-    )
-    _check(
         not par.sequence_parallel or cfg.data.seq_len % par.tp == 0,
         "data",
         "seq_len",
         f"{cfg.data.seq_len} is not a multiple of parallel.tp={par.tp}, which "
+        "parallel.sequence_parallel=true splits it over",
+    )
+    _check(
+        not par.sequence_parallel or cfg.data.eval_seq_len % par.tp == 0,
+        "data",
+        "eval_seq_len",
+        f"{cfg.data.eval_seq_len} is not a multiple of parallel.tp={par.tp}, which "
         "parallel.sequence_parallel=true splits it over",
     )
     _check(

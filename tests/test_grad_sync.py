@@ -38,3 +38,30 @@ def _worker(rank: int, bucket_bytes: int) -> None:
 @pytest.mark.slow
 def test_bucketed_all_reduce_equals_one_flat_all_reduce() -> None:
     run_workers(_worker, 2, 256, tp=1)
+
+
+@pytest.mark.slow
+def test_bench_grad_sync_reports_bytes(tmp_path) -> None:
+    """``tools/bench_grad_sync.py`` at toy size: ZeRO-1 sends a reduce of the gradients to their
+    owners plus an all-gather of the weights, against the flat all-reduce of the gradients."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "gs.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_grad_sync.py"), "--json", "--d-model", "32",
+         "--n-layers", "1", "--vocab", "64", "--repeats", "1", "--bucket-mb", "0.01",
+         "--modes", "flat,zero1", "--output", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    grad = r["grad_bytes"]
+    assert r["modes"]["flat"]["bytes"] == {"all_reduce": grad}
+    z = r["modes"]["zero1"]["bytes"]
+    # each rank gathers its partition (half, padded to DeepSpeed's alignment)
+    assert z["reduce"] == grad and 0 <= z["all_gather_into_tensor"] - grad // 2 <= 512
+    assert r["bus_bytes_over_flat"]["zero1"] == pytest.approx(1.5, abs=0.01)  # (1 + 1/2) / 1

@@ -107,8 +107,9 @@ def test_more_stages_than_layers_refused_at_load() -> None:
 
 
 def test_sequence_parallel_layout_refused_at_load() -> None:
-    msg = _refused(["model.n_layers=2", "parallel.pp=2", "parallel.sequence_parallel=true"])
-    assert "parallel.sequence_parallel: true with parallel.pp=2" in msg
+    msg = _refused(["parallel.tp=2", "model.ngroups=2", "data.eval_seq_len=9",
+                    "parallel.sequence_parallel=true"])  # fmt: skip
+    assert "data.eval_seq_len: 9 is not a multiple of parallel.tp=2" in msg
     msg = _refused(["parallel.tp=2", "model.ngroups=2", "data.seq_len=7",
                     "parallel.sequence_parallel=true"])  # fmt: skip
     assert "data.seq_len: 7 is not a multiple of parallel.tp=2" in msg

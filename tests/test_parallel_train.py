@@ -277,15 +277,18 @@ def test_pp2_dp2_zero2_resumes_at_tp2_dp2_zero1(
     _close(run, reference)
 
 
-def test_tp2_sequence_parallel_matches_single_process(tmp_path: Path, reference: Path) -> None:
-    """ilm-train at TP=2 with sequence parallelism: the run records the setting in force and
-    follows the single-process curve (the solver's residual summed over the TP group)."""
+def test_tp2_pp2_sequence_parallel_matches_single_process(tmp_path: Path, reference: Path) -> None:
+    """ilm-train at TP=2 x PP=2 with sequence parallelism: the run records the setting in force
+    and follows the single-process curve (the solver's residual summed over the TP group; TP=2
+    alone is checked against one process in test_tensor_parallel.py)."""
+    pp = 2
     from ilm_megatron.config import load_config as load
 
     run = tmp_path / "run"
     torchrun_train(
-        run, *BASE, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.microbatches=2"
-    )
+        run, *BASE, "parallel.tp=2", f"parallel.pp={pp}", "parallel.sequence_parallel=true",
+        "parallel.microbatches=2", nproc=2 * pp,
+    )  # fmt: skip
     saved = load([run / "config.yaml"], [])
     assert saved.parallel.sequence_parallel and saved.model.sequence_parallel
     _close(run, reference)

@@ -16,8 +16,10 @@ Bytes are the payload of every collective this rank enters during the sync (the 
 to ``torch.distributed``, by operation) and the bytes it moves under the ring algorithms
 (``bus_bytes``: all-reduce 2(n-1)/n of its input, reduce and broadcast 1, all-gather (n-1) of
 its input, reduce-scatter (n-1)/n); time is the median over ``--repeats``; memory is the
-growth of the process's peak resident set during the sync (``ru_maxrss``), so allocator reuse
-counts as it does in practice. Prints JSON::
+growth of the process's peak resident set over the first sync, from just before it with the
+gradients in place (``ru_maxrss``); for ZeRO it includes the AdamW moments of the rank's
+partition, created at its first step (2 x 4 bytes x params / dp, ``zero_moments_mib``).
+Prints JSON::
 
     {"dp", "params", "grad_bytes", "modes": {mode: {"bytes": {op: n}, "bytes_total",
      "bus_bytes", "seconds", "peak_growth_mib", ...}}, "bytes_over_flat": {...},
@@ -32,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -174,14 +177,15 @@ def _worker(rank: int, mode: str, args: dict, out_dir: str) -> None:
         return {"reduce": t1 - t0, "step": time.perf_counter() - t1}
 
     fill()
-    sync()  # warm-up (DeepSpeed allocates its buffers at the first reduction)
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # gradients in place
+    sync()  # the first sync: DeepSpeed allocates its buffers and AdamW moments here
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     sent.clear()
     times: list[dict[str, float]] = []
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(args["repeats"]):
         fill()
         times.append(sync())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     per_step = {k: v // args["repeats"] for k, v in sent.items()}
     bus = sum(bus_bytes(k, v, args["dp"]) for k, v in per_step.items())
     phases = {k: statistics.median(t[k] for t in times) for k in times[0]}
@@ -194,6 +198,11 @@ def _worker(rank: int, mode: str, args: dict, out_dir: str) -> None:
                 "seconds": round(sum(phases.values()), 4),
                 "phases_s": {k: round(v, 4) for k, v in phases.items()},
                 "peak_growth_mib": round((peak - before) / 1024, 1),
+                "zero_moments_mib": round(
+                    2 * 4 * sum(p.numel() for p in params) / args["dp"] / 2**20, 1
+                )
+                if zero is not None
+                else 0.0,
                 "params": sum(p.numel() for p in params),
             }
         )
@@ -230,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 },
                 "seconds": max(r["seconds"] for r in rows),
                 "peak_growth_mib": max(r["peak_growth_mib"] for r in rows),
+                "zero_moments_mib": rows[0]["zero_moments_mib"],
             }
     params = next(iter(results.values()))["params"]
     flat = results.get("flat")

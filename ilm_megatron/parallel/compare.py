@@ -162,6 +162,7 @@ def compare_parallel(
 
     # the parallel run
     stage = None
+    positions = 0  # of the iterate on this rank
 
     def ring(backward: bool) -> tuple[list[torch.Tensor], Any]:
         """The micro-batches round the ring (with their backward), logits kept."""
@@ -186,6 +187,9 @@ def compare_parallel(
     else:
         stage = split_model_into_stages(par, s_idx, pp)
         losses, stats = ring(backward=True)
+        if par.sequence_parallel:
+            reduce_sequence_parallel_grads(stage.parameters())
+        positions = stats.iterate_shape[1]
         it_par = list(stats.iters)
         lg_par, loss_par, sit_par = [], [], []
         if stage.is_last:
@@ -232,7 +236,6 @@ def compare_parallel(
         ckpt_diff = max(_max_diff(lg_single, lg_step), _max_diff(lg_single, lg_ref_step))
 
     eval_diff = seq_diff = 0.0
-    positions = None
     if pp == 1:
         with torch.no_grad():
             ref.eval()

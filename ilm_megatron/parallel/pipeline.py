@@ -27,7 +27,9 @@ so stages other than 0 simply follow what arrives.
 **TP x PP**: with a tensor-parallel group inside each stage (``backend=tp`` model), every TP rank
 runs its own ring with the ranks of the same TP rank in the other stages (``pp_ranks``, Megatron's
 pipeline group; see :func:`ilm_megatron.core.parallel_state.pp_global_ranks`). The iterate ``z`` is
-replicated over the TP group (row-parallel outputs are all-reduced), the injection ``u`` is this TP
+replicated over the TP group (row-parallel outputs are all-reduced), or under sequence parallelism
+this TP rank's l / tp positions (row-parallel outputs reduce-scattered; the messages are 1/tp of
+the iterate and the residual is summed over the TP group); the injection ``u`` is this TP
 rank's column shard, and the TP collectives of a stage run in the same order on all its TP ranks
 because they see the same messages.
 
@@ -39,18 +41,26 @@ they stay exact whatever the iterate's dtype.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ilm_megatron.core.parallel_state import tp_world_size
+from ilm_megatron.core.tensor_parallel import (
+    sequence_parallel_active,
+    sequence_parallel_region,
+    tp_sum,
+)
 from ilm_megatron.implicit.solver import EPS, SolverStats, relative_residual
 from ilm_megatron.models.stack import upcast
 
@@ -99,6 +109,9 @@ class PipelineStage(nn.Module):
         self.injection = model.injection if self.is_first else None
         self.final_norm = model.stack.final_norm if self.is_last else None
         self.lm_head = model.lm_head if self.is_last else None
+        # sequence parallelism: the iterate travels and is stored as this TP rank's l / tp
+        # positions (the ring runs inside sequence_parallel_region)
+        self.sequence_parallel = bool(getattr(model, "sequence_parallel", False))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Stage 0: ids (b, l) -> injection u (b, l, injection_size), with autograd.
@@ -153,6 +166,8 @@ class PipelineStats:
             (b, l, padded_vocab) of the last phantom step (last stage only; empty elsewhere).
         compute_s / wait_s / total_s: per phase ("forward", "backward") seconds spent computing,
             blocked in receives, and in the whole phase on this rank.
+        iterate_shape: (b, l_local, d) of the iterate this rank stores and sends (``l / tp``
+            positions under sequence parallelism).
     """
 
     iters: list[int] = field(default_factory=list)
@@ -161,6 +176,7 @@ class PipelineStats:
     compute_s: dict[str, float] = field(default_factory=dict)
     wait_s: dict[str, float] = field(default_factory=dict)
     total_s: dict[str, float] = field(default_factory=dict)
+    iterate_shape: tuple[int, ...] = ()
 
     def bubble(self, phase: str = "forward") -> float:
         """Idle fraction ``1 - compute / total`` of a phase on this rank."""
@@ -308,6 +324,18 @@ class _MB:
     logits: torch.Tensor | None = None  # detached (b, l, V') with keep_logits
 
 
+def _in_stage_layout(fn: Callable) -> Callable:
+    """Run the ring inside :func:`sequence_parallel_region` when the stage is sequence parallel."""
+
+    @functools.wraps(fn)
+    def wrapper(stage: PipelineStage, *args: Any, **kwargs: Any) -> Any:
+        with sequence_parallel_region(getattr(stage, "sequence_parallel", False)):
+            return fn(stage, *args, **kwargs)
+
+    return wrapper
+
+
+@_in_stage_layout
 def pipeline_forward_backward(
     stage: PipelineStage,
     ids_microbatches: Sequence[torch.Tensor] | None,
@@ -409,7 +437,7 @@ def pipeline_forward_backward(
                 u = stage.embed(ids)
             u_graph.append(u)
             zdt = upcast(stage.embedding.weight[:1]).dtype
-            shape = (*ids.shape, d)
+            shape = (ids.shape[0], _local_positions(ids.shape[1]), d)
             inj = 0 if explicit else u.shape[-1]  # explicit: nothing to inject elsewhere
             meta = torch.tensor(
                 [i, *ids.shape, inj, _DTYPES.index(u.dtype), _DTYPES.index(zdt)], device=dev
@@ -427,7 +455,7 @@ def pipeline_forward_backward(
             meta = comm.recv((6,), torch.long, 0, TAG_U)
             j, b, l_, inj, udt, zdt = (int(x) for x in meta.tolist())
             u = comm.recv((b, l_, inj), _DTYPES[udt], 0, TAG_U) if inj else None
-            shape = (b, l_, stage.config.d_model)
+            shape = (b, _local_positions(l_), stage.config.d_model)
             mbs[j] = _MB(shape, _DTYPES[zdt], u.requires_grad_(True) if inj else None)
         return mbs[i]
 
@@ -436,6 +464,7 @@ def pipeline_forward_backward(
     if stage.is_first and any(mbs[i].shape != first.shape for i in range(N)):
         raise ValueError("all micro-batches must have the same shape")
     comm.setup_ring(first.shape, first.zdtype, depth=max(2, M))
+    stats.iterate_shape = tuple(first.shape)
 
     def stage_phantom(mb: _MB, j: int, z: torch.Tensor) -> torch.Tensor:
         # stage 0's input of step 1 is the detached z*; every other input carries a gradient
@@ -672,6 +701,19 @@ def pipeline_forward_backward(
 
 
 @torch.no_grad()
+def _local_positions(length: int) -> int:
+    """Positions of a length-``length`` sequence this rank holds (l / tp sequence parallel)."""
+    if not sequence_parallel_active():
+        return length
+    tp = tp_world_size()
+    if length % tp:
+        raise ValueError(
+            f"sequence parallelism needs the sequence length ({length}) to be a multiple of the "
+            f"tensor-parallel size {tp}"
+        )
+    return length // tp
+
+
 def _solver_update(mb: _MB, fz: torch.Tensor, it: int, cap: int, tol: float) -> bool:
     """Last stage: one iteration of :func:`solve`'s bookkeeping for one micro-batch.
 
@@ -684,7 +726,7 @@ def _solver_update(mb: _MB, fz: torch.Tensor, it: int, cap: int, tol: float) -> 
         mb.best = mb.prev
         mb.best_res = torch.full((b,), float("inf"), device=fz.device)
         mb.sample_iters = torch.full((b,), cap, dtype=torch.long, device=fz.device)
-    res = relative_residual(fz, mb.prev)
+    res = relative_residual(fz, mb.prev, tp_sum if sequence_parallel_active() else None)
     better = res < mb.best_res
     mask = better.view(b, *([1] * (fz.dim() - 1)))
     mb.best = torch.where(mask, fz, mb.best)

@@ -184,10 +184,6 @@ class ParallelEngine(_DistributedBase):
             for xc, yc in zip(xs, ys):
                 loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats, solver)
                 (loss / mb if mb > 1 else loss).backward()  # a NaN shows in the global norm
-            if self.model.sequence_parallel:  # the norms' gradients cover this rank's positions
-                from ilm_megatron.core.tensor_parallel import reduce_sequence_parallel_grads
-
-                reduce_sequence_parallel_grads(self.params)
         else:
             from ilm_megatron.parallel.pipeline import pipeline_forward_backward
 
@@ -214,6 +210,10 @@ class ParallelEngine(_DistributedBase):
                 gather_logits=not sharded,
             )
             stats = pstats.solver
+        if self.model.sequence_parallel:  # the norms' gradients cover this rank's positions
+            from ilm_megatron.core.tensor_parallel import reduce_sequence_parallel_grads
+
+            reduce_sequence_parallel_grads(self.params)
         return stats
 
     def _reduce_data_parallel(self) -> None:

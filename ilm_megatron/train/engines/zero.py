@@ -53,14 +53,16 @@ def zero_config(cfg: Config, per_rank_batch: int, dp_size: int) -> dict[str, Any
     by DeepSpeed's model-parallel-aware norm.
     """
     par = cfg.parallel
+    # fp32 elements per bucket, a multiple of 64 (DeepSpeed wants its alignment factor to divide it)
+    bucket = max(64, int(par.bucket_mb * 2**20 // 4) // 64 * 64)
     return {
         "train_batch_size": per_rank_batch * dp_size,
         "train_micro_batch_size_per_gpu": per_rank_batch,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {
             "stage": par.zero_stage,
-            "reduce_bucket_size": int(par.bucket_mb * 2**20 // 4),  # elements (fp32)
-            "allgather_bucket_size": int(par.bucket_mb * 2**20 // 4),
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
             "contiguous_gradients": True,
             "overlap_comm": False,
             # each bucket slice is reduced to the rank that owns it (a reduce-scatter), not
