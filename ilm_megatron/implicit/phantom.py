@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from ilm_megatron.implicit.solver import damped
+
 
 def phantom_steps(
     f: Callable[[torch.Tensor], torch.Tensor], z_star: torch.Tensor, k: int, damping: float
@@ -37,7 +39,7 @@ def phantom_steps(
     z = z_star.detach()
     for _ in range(k):
         fz = f(z)
-        z = fz if damping == 1.0 else damping * fz + (1.0 - damping) * z
+        z = damped(fz, z, damping)
     return z
 
 
@@ -102,7 +104,7 @@ class _PhantomRecompute(torch.autograd.Function):
                 iterates.append(z)
                 ctx.rng.append(_rng_state(z0.device))
                 fz = f(z)
-                z = fz if damping == 1.0 else damping * fz + (1.0 - damping) * z
+                z = damped(fz, z, damping)
         ctx.save_for_backward(*iterates, *inputs)
         return z
 

@@ -84,6 +84,65 @@ def relative_residual(
     return sq[:, 0].sqrt() / (sq[:, 1].sqrt() + EPS)
 
 
+def damped(fz: torch.Tensor, z: torch.Tensor, damping: float) -> torch.Tensor:
+    """The damped update ``damping * F(z) + (1 - damping) * z`` (``F(z)`` itself at 1): the
+    phantom steps, the ring's phantom steps and the reference evaluation loop all take it."""
+    return fz if damping == 1.0 else damping * fz + (1.0 - damping) * z
+
+
+class FixedPointTracker:
+    """The training solve's rule, one evaluation at a time (:func:`solve`, and the pipeline
+    ring's last stage, which sees ``F(z)`` arrive micro-batch by micro-batch).
+
+    Per sample: the relative residual of ``F(z)`` against ``z`` (:func:`relative_residual`),
+    the lowest-residual iterate ``F(z)`` so far, and the evaluation at which it first met
+    ``tol``. The solve stops when every sample's best residual is below ``tol`` or after
+    ``max_iter`` evaluations; the next iterate is the undamped ``F(z)``.
+
+    Args:
+        z0: (b, ...) initial iterate (also the best iterate until an evaluation improves it).
+        max_iter: the cap on evaluations.
+        tol: per-sample tolerance.
+        reduce: see :func:`relative_residual` (sequence parallelism).
+    """
+
+    def __init__(
+        self, z0: torch.Tensor, max_iter: int, tol: float, reduce: Reduce | None = None
+    ) -> None:
+        b = z0.shape[0]
+        self.max_iter, self.tol, self.reduce = max_iter, tol, reduce
+        self.z = z0  # the current iterate
+        self.best = z0
+        self.best_res = torch.full((b,), float("inf"), device=z0.device)
+        self.sample_iters = torch.full((b,), max_iter, device=z0.device, dtype=torch.long)
+        self.it = 0
+
+    def update(self, fz: torch.Tensor) -> bool:
+        """Take ``F(z)`` (shaped like ``z``) of the current iterate; returns True when the solve
+        stops here (a host sync: the batch maximum of the best residuals)."""
+        self.it += 1
+        res = relative_residual(fz, self.z, self.reduce)
+        better = res < self.best_res
+        mask = better.view(-1, *([1] * (fz.dim() - 1)))
+        self.best = torch.where(mask, fz, self.best)
+        self.best_res = torch.where(better, res, self.best_res)
+        newly = (res < self.tol) & (self.sample_iters == self.max_iter)
+        self.sample_iters = torch.where(
+            newly, torch.full_like(self.sample_iters, self.it), self.sample_iters
+        )
+        self.z = fz
+        return bool(self.best_res.max().item() < self.tol) or self.it >= self.max_iter
+
+    def stats(self) -> SolverStats:
+        """What the solve did (residual NaN when nothing was evaluated)."""
+        if self.it == 0:
+            nan = torch.full_like(self.best_res, float("nan"))
+            return SolverStats(0, nan, self.sample_iters.clamp(max=0), self.tol, "train")
+        return SolverStats(
+            self.it, self.best_res, self.sample_iters.clamp(max=self.it), self.tol, "train"
+        )
+
+
 @torch.no_grad()
 def solve(
     f: Callable[[torch.Tensor], torch.Tensor],
@@ -92,7 +151,7 @@ def solve(
     tol: float,
     reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, SolverStats]:
-    """Undamped fixed-point iteration with per-sample best iterate.
+    """Undamped fixed-point iteration with per-sample best iterate (:class:`FixedPointTracker`).
 
     Args:
         f: the map ``F``; called on tensors shaped like ``z0``.
@@ -105,29 +164,11 @@ def solve(
     Returns:
         ``(z_star (b, ...), stats)``; ``z_star`` holds no autograd history.
     """
-    b = z0.shape[0]
-    device = z0.device
-    best = z0.detach().clone()
-    best_res = torch.full((b,), float("inf"), device=device)
-    sample_iters = torch.full((b,), max_iter, device=device, dtype=torch.long)
-    z = best
-    it = 0
-    while it < max_iter:
-        fz = f(z)
-        it += 1
-        res = relative_residual(fz, z, reduce)
-        better = res < best_res
-        mask = better.view(b, *([1] * (z.dim() - 1)))
-        best = torch.where(mask, fz, best)
-        best_res = torch.where(better, res, best_res)
-        newly = (res < tol) & (sample_iters == max_iter)
-        sample_iters = torch.where(newly, torch.full_like(sample_iters, it), sample_iters)
-        z = fz
-        if best_res.max().item() < tol:
+    track = FixedPointTracker(z0.detach().clone(), max_iter, tol, reduce)
+    while track.it < max_iter:
+        if track.update(f(track.z)):
             break
-    if it == 0:
-        best_res = torch.full((b,), float("nan"), device=device)
-    return best, SolverStats(it, best_res, sample_iters.clamp(max=it), tol, "train")
+    return track.best, track.stats()
 
 
 @torch.no_grad()
@@ -159,7 +200,7 @@ def solve_damped_reference(
         else:
             sq = reduce(torch.stack([(fz - z).float().pow(2).sum(), fz.float().pow(2).sum()]))
             batch_res = sq[0].sqrt() / (sq[1].sqrt() + EPS)
-        z = damping * fz + (1.0 - damping) * z
+        z = damped(fz, z, damping)
         if batch_res.item() < tol:
             break
     fz = f(z)

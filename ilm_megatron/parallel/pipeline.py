@@ -61,7 +61,7 @@ from ilm_megatron.core.tensor_parallel import (
     sequence_parallel_region,
     tp_sum,
 )
-from ilm_megatron.implicit.solver import EPS, SolverStats, relative_residual
+from ilm_megatron.implicit.solver import EPS, FixedPointTracker, SolverStats, damped
 from ilm_megatron.models.stack import upcast
 
 # message tags: one channel per kind of traffic so that their orders do not interfere
@@ -312,12 +312,8 @@ class _MB:
     zdtype: torch.dtype
     u: torch.Tensor | None  # leaf (b, l, inj) that accumulates this stage's u-gradient
     z0: torch.Tensor | None = None  # explicit models, stage 0: the embedding leaf (b, l, d)
-    # last stage: solver state
-    it: int = 0
-    prev: torch.Tensor | None = None
-    best: torch.Tensor | None = None
-    best_res: torch.Tensor | None = None
-    sample_iters: torch.Tensor | None = None
+    # last stage: the solve's state (created at the first evaluation)
+    track: FixedPointTracker | None = None
     # phantom graph pieces per step j: (stage input leaf, stage output[, damped z_j, z_{j-1} leaf])
     saved: dict[int, tuple] = field(default_factory=dict)
     loss: torch.Tensor | None = None
@@ -547,24 +543,24 @@ def pipeline_forward_backward(
                 stats.iters[i] = step
                 if done and evaluate:
                     with torch.no_grad(), timer, amp():
-                        logits = stage.head(mb.best, gather=gather_logits)
+                        logits = stage.head(mb.track.best, gather=gather_logits)
                         mb.loss = loss_fn(logits, targets_microbatches[i])
                     if keep_logits:
                         mb.logits = logits
                     comm.put(0, TAG_RET, K_SOLVE, i, step, 1)
                     continue
-                comm.put(0, TAG_RET, K_SOLVE, i, step, int(done), mb.best if done else out)
+                comm.put(0, TAG_RET, K_SOLVE, i, step, int(done), mb.track.best if done else out)
                 continue
             # phantom step on the last stage: damping with z_{j-1} held here
             if step == 1:
-                zp = mb.best
-                if zp is None:
+                if mb.track is not None:
+                    zp = mb.track.best.detach()
+                else:  # no solve ran (cap 0): the phantom steps start from zeros
                     zp = torch.zeros(mb.shape, dtype=mb.zdtype, device=dev)
-                zp = zp.detach()
             else:
                 zp = mb.saved[step - 1][2].detach().requires_grad_(True)
             with torch.enable_grad(), timer, amp():
-                zj = out if lam == 1.0 else lam * out + (1.0 - lam) * zp
+                zj = damped(out, zp, lam)
             mb.saved[step] = (*mb.saved[step], zj, zp)
             if step < k:
                 comm.put(0, TAG_RET, K_PHANTOM, i, step, 0, zj)
@@ -584,7 +580,6 @@ def pipeline_forward_backward(
     if stage.is_last:
         for i in range(N):
             mb = mbs[i]
-            it = mb.it
             b = mb.shape[0]
             if explicit:  # as the single-process model: one evaluation, nothing to converge
                 one, zero = torch.ones(b, dtype=torch.long, device=dev), torch.zeros(b, device=dev)
@@ -593,12 +588,12 @@ def pipeline_forward_backward(
                 if keep_logits:
                     stats.logits.append(mb.logits)
                 continue
-            if cap > 0:
-                res, si = mb.best_res, mb.sample_iters.clamp(max=it)
-            else:
-                res = torch.full((b,), float("nan"), device=dev)
-                si = torch.zeros(b, dtype=torch.long, device=dev)
-            stats.solver.append(SolverStats(it, res, si, tol, "train"))
+            if mb.track is not None:
+                stats.solver.append(mb.track.stats())
+            else:  # cap 0: nothing evaluated
+                nan = torch.full((b,), float("nan"), device=dev)
+                zeros = torch.zeros(b, dtype=torch.long, device=dev)
+                stats.solver.append(SolverStats(0, nan, zeros, tol, "train"))
             losses.append(mb.loss.detach())
             if keep_logits:
                 stats.logits.append(mb.logits)
@@ -715,27 +710,14 @@ def _local_positions(length: int) -> int:
 
 
 def _solver_update(mb: _MB, fz: torch.Tensor, it: int, cap: int, tol: float) -> bool:
-    """Last stage: one iteration of :func:`solve`'s bookkeeping for one micro-batch.
-
-    ``fz``: (b, l, d) = F(z) of iteration ``it``; the iterate ``z`` is the previous output (zeros at
-    ``it == 1``). Returns True when the micro-batch stops (all samples below ``tol`` or the cap).
-    """
-    b = fz.shape[0]
+    """Last stage: evaluation ``it`` of the solve of one micro-batch, through the same
+    :class:`~ilm_megatron.implicit.solver.FixedPointTracker` as :func:`solve` (the ring starts
+    every solve from zeros). ``fz``: (b, l, d) = F(z). Returns True when the micro-batch stops."""
     if it == 1:
-        mb.prev = torch.zeros_like(fz)
-        mb.best = mb.prev
-        mb.best_res = torch.full((b,), float("inf"), device=fz.device)
-        mb.sample_iters = torch.full((b,), cap, dtype=torch.long, device=fz.device)
-    res = relative_residual(fz, mb.prev, tp_sum if sequence_parallel_active() else None)
-    better = res < mb.best_res
-    mask = better.view(b, *([1] * (fz.dim() - 1)))
-    mb.best = torch.where(mask, fz, mb.best)
-    mb.best_res = torch.where(better, res, mb.best_res)
-    newly = (res < tol) & (mb.sample_iters == cap)
-    mb.sample_iters = torch.where(newly, torch.full_like(mb.sample_iters, it), mb.sample_iters)
-    mb.prev = fz
-    mb.it = it
-    return bool(mb.best_res.max().item() < tol) or it >= cap
+        reduce = tp_sum if sequence_parallel_active() else None
+        mb.track = FixedPointTracker(torch.zeros_like(fz), cap, tol, reduce)
+    assert mb.track is not None and mb.track.it == it - 1, "solver evaluations out of order"
+    return mb.track.update(fz)
 
 
 __all__ = [
