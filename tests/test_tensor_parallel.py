@@ -93,3 +93,25 @@ def test_tp_backend_single_process_equals_local() -> None:
     b.eval()
     with torch.no_grad():
         assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bench_sequence_parallel_same_step(tmp_path) -> None:
+    """``tools/bench_sequence_parallel.py`` at toy size: both modes compute the same loss and
+    solver iterations, and the sequence-parallel iterate holds half the positions per rank."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "sp.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_sequence_parallel.py"), "--json", "--seq",
+         "32", "--d-model", "64", "--n-layers", "1", "--output", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["iterate_positions"] == {"tp": 32, "sequence_parallel": 16}
+    assert r["loss"]["tp"] == pytest.approx(r["loss"]["sequence_parallel"], rel=1e-6)
+    assert r["iters"]["tp"] == r["iters"]["sequence_parallel"]

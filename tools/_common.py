@@ -157,6 +157,17 @@ def write_atomic(path: str | Path, text: str) -> None:
     tmp.replace(path)
 
 
+def emit_report(report: Any, output: str | None, show: bool = True) -> str:
+    """Write ``report`` as JSON to ``output`` atomically (if given), print it (``show``), and
+    return the text."""
+    text = dump_json(report)
+    if output:
+        write_atomic(output, text + "\n")
+    if show:
+        print(text)
+    return text
+
+
 def display_path(path: str | Path) -> str:
     """``path`` relative to the repository root when inside it, else as given."""
     p = Path(path)

@@ -45,7 +45,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from _common import dump_json, machine_info, now_iso, positive_int, write_atomic
+from _common import emit_report, machine_info, now_iso, positive_int
 
 PROG = "bench_grad_sync.py"
 MODES = ("flat", "bucketed", "zero1", "zero2")
@@ -266,10 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["time_over_flat"] = {
             m: round(r["seconds"] / flat["seconds"], 3) for m, r in results.items()
         }
-    text = dump_json(report)
-    if args.output:
-        write_atomic(args.output, text + "\n")
-    print(text)
+    emit_report(report, args.output)
     return 0
 
 

@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from _common import dump_json, machine_info, now_iso, positive_int, write_atomic
+from _common import emit_report, machine_info, now_iso, positive_int
 
 PROG = "bench_vocab_parallel.py"
 
@@ -112,10 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratio_peak": round(max(ranks["gathered"]) / max(1e-9, max(ranks["vocab_parallel"])), 2),
         "machine": machine_info(),
     }
-    text = dump_json(report)
-    if args.output:
-        write_atomic(args.output, text + "\n")
-    print(text)
+    emit_report(report, args.output)
     return 0
 
 
