@@ -119,7 +119,6 @@ class DeepSpeedZero:
             mpu=mpu,
         )
         self.zero = self.engine.optimizer  # DeepSpeedZeroOptimizer
-        self.stage = cfg.parallel.zero_stage
 
     @property
     def param_groups(self) -> list[dict]:
