@@ -61,6 +61,8 @@ def _assert_close(r: dict[str, Any], tp: int, pp: int, microbatches: int = MB) -
     assert len(r["solver_iters"]) == microbatches and min(r["solver_iters"]) >= 1, r
     if pp > 1:  # eval / sequential decoding only apply without the ring
         assert r["eval_logit_diff"] is None and r["sequential_logit_diff"] is None
+        # each TP rank sends a 1/tp slice of the iterate (or its l/tp positions under SP)
+        assert r["ring_comm_bytes_over_ideal"] == pytest.approx(1.0, abs=1e-9), r
 
 
 @pytest.mark.parametrize(

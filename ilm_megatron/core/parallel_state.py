@@ -72,33 +72,6 @@ def pp_global_ranks() -> list[int]:
     return list(dist.get_process_group_ranks(group))
 
 
-_RING_GROUPS: dict[tuple[tuple[int, ...], ...], dist.ProcessGroup] = {}
-
-
-def pipeline_ring_group() -> dist.ProcessGroup:
-    """A gloo group over this rank's pipeline group, for the ring schedule's messages.
-
-    Collective over the whole world (``new_group`` is): every rank creates the gloo groups of
-    all pipeline groups, in one order. Cached per set of pipeline groups, so a later call with the
-    same layout creates nothing (the ranks agree on that, since they all see every group).
-    """
-    mine = tuple(pp_global_ranks())
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    layout = tuple(sorted(set(everyone)))
-    if layout not in _RING_GROUPS:
-        for ranks in layout:
-            group = dist.new_group(list(ranks), backend="gloo")
-            if ranks == mine:
-                _RING_GROUPS[layout] = group
-    return _RING_GROUPS[layout]
-
-
-def forget_ring_groups() -> None:
-    """Drop the cached ring groups (call when the default process group is destroyed)."""
-    _RING_GROUPS.clear()
-
-
 def model_tp_size(config: Any) -> int:
     """TP degree a layer built from ``config`` (a ``ModelConfig``) must use.
 
@@ -130,7 +103,6 @@ def init_worker(
 
 def shutdown_worker() -> None:
     """Destroy Megatron's groups and the default process group."""
-    forget_ring_groups()
     if dist.is_initialized():
         _ps().destroy_model_parallel()
         dist.destroy_process_group()

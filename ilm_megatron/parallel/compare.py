@@ -36,8 +36,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ilm_megatron.core.parallel_state import (
-    pipeline_ring_group,
     pp_global_ranks,
+    pp_group,
     pp_rank,
     pp_world_size,
     tp_world_size,
@@ -163,6 +163,7 @@ def compare_parallel(
     # the parallel run
     stage = None
     positions = 0  # of the iterate on this rank
+    comm_ratio = 0.0  # pipeline: iterate bytes sent per message over b * l * d / tp
 
     def ring(backward: bool) -> tuple[list[torch.Tensor], Any]:
         """The micro-batches round the ring (with their backward), logits kept."""
@@ -174,7 +175,7 @@ def compare_parallel(
             n_microbatches=n_mb,
             in_flight=in_flight,
             pp_ranks=pp_global_ranks(),
-            group=pipeline_ring_group(),
+            group=pp_group(),
             loss_scale=scale,
             backward=backward,
             keep_logits=True,
@@ -191,6 +192,10 @@ def compare_parallel(
             reduce_sequence_parallel_grads(stage.parameters())
         positions = stats.iterate_shape[1]
         it_par = list(stats.iters)
+        msgs = stats.messages.get("iterate", 0)
+        if msgs:  # iterate bytes per forward message over the ideal b * l * d / tp fp32 values
+            ideal = batch * seq_len * cfg.model.d_model * 4 / tp
+            comm_ratio = stats.sent_bytes["iterate"] / msgs / ideal
         lg_par, loss_par, sit_par = [], [], []
         if stage.is_last:
             lg_par, loss_par = stats.logits, losses
@@ -252,7 +257,7 @@ def compare_parallel(
 
     # combine over all ranks: max of the diffs, all of the iteration checks, union of the names
     vals = torch.tensor(
-        [logit_diff, rel, loss_diff, eval_diff, ckpt_diff, seq_diff],
+        [logit_diff, rel, loss_diff, eval_diff, ckpt_diff, seq_diff, comm_ratio],
         dtype=torch.float64,
         device=device,
     )
@@ -263,7 +268,7 @@ def compare_parallel(
     dist.all_gather_object(per_rank, {"checked": checked, "stray": stray, "iters": it_par})
     union = {n for r in per_rank for n in r["checked"]}
     mismatch = sorted((set(g_ref) ^ union) | {n for r in per_rank for n in r["stray"]})
-    logit_d, rel_d, loss_d, eval_d, ckpt_d, seq_d = vals.tolist()
+    logit_d, rel_d, loss_d, eval_d, ckpt_d, seq_d, comm_d = vals.tolist()
     result = {
         "tp": tp,
         "pp": pp,
@@ -273,6 +278,8 @@ def compare_parallel(
         "embedding_rows_per_rank": int(par.embedding.weight.shape[0]),
         "microbatches": n_mb,
         "in_flight": in_flight if pp > 1 else None,
+        # largest over ranks of the ring's iterate bytes per message / (b * l * d / tp * 4)
+        "ring_comm_bytes_over_ideal": comm_d if pp > 1 else None,
         "max_abs_logit_diff": logit_d,
         "max_rel_grad_diff": rel_d,
         "loss_diff": loss_d,

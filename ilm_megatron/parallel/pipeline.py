@@ -1,48 +1,40 @@
 """Pipeline-parallel ring schedule for the whole-stack fixed point (DESIGN §4, docs/pipeline.md).
 
 The implicit model iterates ``F`` = all blocks + final norm, so with ``P`` stages the iterate goes
-round a ring ``0 -> 1 -> ... -> P-1 -> 0``. This module runs, with torch.distributed point-to-point
-messages (gloo on CPU, NCCL on GPU):
+round a ring ``0 -> 1 -> ... -> P-1 -> 0``. The pieces, in the order a reader follows one
+micro-batch:
 
-1. **Injection**: stage 0 computes ``u`` (b, l, injection_size) of every micro-batch once and sends
-   it once to every stage, which caches it (as a leaf that accumulates its gradient).
-2. **Forward ring** with up to ``M`` micro-batches in flight: the no-grad solve (undamped
-   ``z <- F(z)``); the last stage keeps the previous iterate (its own last output), computes the
-   per-sample residual, the best iterate and the stop decision exactly as
-   :func:`~ilm_megatron.implicit.solver.solve`, and sends ``(flag, z)`` back to stage 0. A converged
-   micro-batch continues in its slot with its ``k`` phantom steps (with autograd; the damping
-   ``z_j = lam F(z_{j-1}) + (1 - lam) z_{j-1}`` is applied on the last stage, which holds both
-   terms); when those are done the slot takes the next micro-batch.
-3. **Backward ring** (reverse direction, driven by the last stage, ``M`` in flight): step ``j`` is
-   back-propagated ``P-1 -> ... -> 0``; stage 0's input-gradient is sent to the last stage and added
-   to the damping term ``(1 - lam) g_j`` to give ``g_{j-1}``.
-4. ``u``'s gradient of every stage goes back to stage 0 and through the injection to the embedding.
-   With tied embeddings the last stage uses its own reference to the embedding weight for the head,
-   and stage 0 and stage ``P-1`` exchange and sum their embedding gradients (Megatron's
-   "embedding group" all-reduce, done with two point-to-point messages).
-
-All message orders are deterministic given the stop decisions, and every message carries a header,
-so stages other than 0 simply follow what arrives.
+* :class:`PipelineStage`: this rank's layers (stage 0 the embedding and injection, the last stage
+  the final norm and head).
+* :class:`_Ring`: the schedule of one stage in ticks. Stage 0 admits a micro-batch (embeds it;
+  its ``u`` travels once round the ring with the first message), every stage evaluates its
+  layers per solver iteration (no grad) and per phantom step (autograd, or recompute), the last
+  stage takes the stop decision with the same
+  :class:`~ilm_megatron.implicit.solver.FixedPointTracker` as :func:`solve`, applies the damping
+  and the loss, and starts the micro-batch's backward as soon as its loss exists. The backward of
+  each phantom step runs ``P-1 -> ... -> 0`` and stage 0's input-gradient comes round to the last
+  stage for the damping path; step 1's message carries the summed injection gradient to stage 0.
+  Stage 0 admits the next micro-batch when one finishes, so at most ``in_flight`` micro-batches'
+  activations are held.
+* :class:`~ilm_megatron.parallel.p2p.RingTransport`: one exchange per tick with both neighbours
+  (paired, untagged ``batch_isend_irecv``: NCCL or gloo, one code path; headers then payloads;
+  1/tp slices under TP; optional bf16 wire; bytes counted).
+* After the ring, the tied embedding's two copies sum their gradients over Megatron's embedding
+  group.
 
 **TP x PP**: with a tensor-parallel group inside each stage (``backend=tp`` model), every TP rank
 runs its own ring with the ranks of the same TP rank in the other stages (``pp_ranks``, Megatron's
 pipeline group; see :func:`ilm_megatron.core.parallel_state.pp_global_ranks`). The iterate ``z`` is
-replicated over the TP group (row-parallel outputs are all-reduced), or under sequence parallelism
-this TP rank's l / tp positions (row-parallel outputs reduce-scattered; the messages are 1/tp of
-the iterate and the residual is summed over the TP group); the injection ``u`` is this TP
-rank's column shard, and the TP collectives of a stage run in the same order on all its TP ranks
-because they see the same messages.
-
-Every buffer the ring allocates lives on the stage's device (that of its parameters: CPU for gloo,
-the current CUDA device for NCCL); headers are int32 written through a byte view of the buffer, so
-they stay exact whatever the iterate's dtype.
+replicated over the TP group (row-parallel outputs are all-reduced), and each TP rank sends a 1/tp
+slice of it; under sequence parallelism it is this TP rank's l / tp positions (the residual summed
+over the TP group). The injection ``u`` is this TP rank's column shard. The TP collectives of a
+stage run in the same order on all its TP ranks because they see the same headers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -61,15 +53,22 @@ from ilm_megatron.core.tensor_parallel import (
     sequence_parallel_region,
     tp_sum,
 )
+from ilm_megatron.implicit.phantom import _rng_state, _set_rng_state
 from ilm_megatron.implicit.solver import EPS, FixedPointTracker, SolverStats, damped
 from ilm_megatron.models.stack import upcast
+from ilm_megatron.parallel.p2p import (
+    K_BWD,
+    K_DONE,
+    K_NONE,
+    K_PHANTOM,
+    K_SOLVE,
+    K_STOP,
+    NONE,
+    Message,
+    RingTransport,
+)
 
-# message tags: one channel per kind of traffic so that their orders do not interfere
-TAG_U, TAG_FWD, TAG_RET, TAG_BWD, TAG_BRET, TAG_UGRAD, TAG_EMB = 11, 12, 13, 14, 15, 16, 17
-# header kinds
-K_SOLVE, K_PHANTOM, K_STOP, K_PAD = 0, 1, 2, 3
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-HEADER = 4  # [kind, micro-batch, step, flag] as int32 (16 bytes at the start of each message)
 
 
 def stage_layer_range(n_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
@@ -164,10 +163,14 @@ class PipelineStats:
         solver: per micro-batch :class:`SolverStats` (last stage only; empty elsewhere).
         logits: with ``keep_logits=True``, per micro-batch detached training-mode logits
             (b, l, padded_vocab) of the last phantom step (last stage only; empty elsewhere).
-        compute_s / wait_s / total_s: per phase ("forward", "backward") seconds spent computing,
-            blocked in receives, and in the whole phase on this rank.
+        compute_s: seconds of forward ("forward") and backward ("backward") compute.
+        wait_s / total_s: ``"ring"``: seconds blocked in exchanges (``wait_s`` also by phase:
+            ``"header"``, ``"payload"``, ``"embedding"``), and of the whole call.
         iterate_shape: (b, l_local, d) of the iterate this rank stores and sends (``l / tp``
             positions under sequence parallelism).
+        sent_bytes: bytes this rank sent, by kind: ``iterate`` (forward messages), ``grad``
+            (backward), ``header``, ``injection``, ``injection_grad``, ``embedding``.
+        messages: forward (``iterate``) and backward (``grad``) payload messages sent.
     """
 
     iters: list[int] = field(default_factory=list)
@@ -177,11 +180,13 @@ class PipelineStats:
     wait_s: dict[str, float] = field(default_factory=dict)
     total_s: dict[str, float] = field(default_factory=dict)
     iterate_shape: tuple[int, ...] = ()
+    sent_bytes: dict[str, int] = field(default_factory=dict)
+    messages: dict[str, int] = field(default_factory=dict)
 
-    def bubble(self, phase: str = "forward") -> float:
-        """Idle fraction ``1 - compute / total`` of a phase on this rank."""
-        t = self.total_s.get(phase, 0.0)
-        return 1.0 - self.compute_s.get(phase, 0.0) / t if t > 0 else 0.0
+    def bubble(self) -> float:
+        """Idle fraction ``1 - (forward + backward compute) / total`` of the call on this rank."""
+        t = self.total_s.get("ring", 0.0)
+        return 1.0 - sum(self.compute_s.values()) / t if t > 0 else 0.0
 
 
 class _Timer:
@@ -198,126 +203,346 @@ class _Timer:
         self.s += time.perf_counter() - self._t0
 
 
-class _Comm:
-    """Point-to-point helpers: isend everything (no deadlock), time the blocking receives.
+@dataclass
+class _Step:
+    """What one stage keeps of phantom step ``j`` of one micro-batch for its backward.
 
-    The messages go through ``group``, a gloo group (the ring relies on tags to keep its streams
-    apart and on sends and receives to one peer progressing independently, which gloo gives and
-    NCCL does not). With the stage on a GPU the transfers are staged through host memory: buffers
-    live on the CPU and what is received is copied to ``device``.
+    ``x`` is the stage input (a leaf), ``out`` the stage output: with autograd the output with its
+    graph; under ``phantom_impl=recompute`` a detached leaf, the graph being rebuilt from ``x``
+    in backward (``rng``: the generator state the forward ran from). On the last stage ``zj`` is
+    the damped iterate and ``zp`` the leaf ``z_{j-1}`` of the damping term.
     """
 
-    def __init__(
-        self,
-        ranks: Sequence[int],
-        device: torch.device | str = "cpu",
-        group: dist.ProcessGroup | None = None,
-    ) -> None:
-        self.ranks = list(ranks)
-        self.device = torch.device(device)
-        self.group = group
-        self.host = self.device.type != "cpu"  # stage through host memory (gloo moves CPU data)
-        self.buf_device = torch.device("cpu") if self.host else self.device
-        self.pending: list[tuple[object, torch.Tensor]] = []
-        self.wait = 0.0
-
-    def send(self, t: torch.Tensor, stage: int, tag: int) -> None:
-        t = t.detach().to(self.buf_device).contiguous()
-        work = dist.isend(t, self.ranks[stage], group=self.group, tag=tag)
-        self.pending.append((work, t))
-        if len(self.pending) > 64:
-            self.pending = [(w, x) for w, x in self.pending if not w.is_completed()]
-
-    def recv(self, shape: Sequence[int], dtype: torch.dtype, stage: int, tag: int) -> torch.Tensor:
-        t = torch.empty(tuple(shape), dtype=dtype, device=self.buf_device)
-        t0 = time.perf_counter()
-        dist.recv(t, self.ranks[stage], group=self.group, tag=tag)
-        self.wait += time.perf_counter() - t0
-        return t.to(self.device)
-
-    def flush(self) -> None:
-        for w, _ in self.pending:
-            w.wait()
-        self.pending = []
-
-    # ring messages: one flat tensor ``[header, *payload]`` of a fixed size, with ``depth``
-    # receives always posted ahead so that transfers overlap the receiver's compute (gloo only
-    # moves data once the receive is posted). A stream ends with ``depth`` pads. The header is
-    # ``[kind, mb, step, flag]`` as int32 in the first 16 bytes (a dtype view), so it is exact
-    # for any payload dtype (bf16 would round integers above 256).
-    def setup_ring(self, shape: Sequence[int], dtype: torch.dtype, depth: int) -> None:
-        self.shape, self.dtype, self.depth = tuple(shape), dtype, depth
-        self.hdr = HEADER * 4 // dtype.itemsize  # header length in payload elements
-        self.numel = self.hdr + math.prod(self.shape)
-        self.chans: dict[tuple[int, int], deque] = {}
-
-    def _header(self, buf: torch.Tensor) -> torch.Tensor:
-        """The int32 header (4,) of a ring buffer (a view)."""
-        return buf[: self.hdr].view(torch.int32)
-
-    def _post(self, stage: int, tag: int) -> None:
-        buf = torch.empty(self.numel, dtype=self.dtype, device=self.buf_device)
-        work = dist.irecv(buf, self.ranks[stage], group=self.group, tag=tag)
-        self.chans[(stage, tag)].append((work, buf))
-
-    def open(self, stage: int, tag: int) -> None:
-        self.chans[(stage, tag)] = deque()
-        for _ in range(self.depth):
-            self._post(stage, tag)
-
-    def put(
-        self,
-        stage: int,
-        tag: int,
-        kind: int,
-        mb: int,
-        step: int = 0,
-        flag: int = 0,
-        payload: torch.Tensor | None = None,
-    ) -> None:
-        buf = torch.empty(self.numel, dtype=self.dtype, device=self.buf_device)
-        self._header(buf).copy_(torch.tensor([kind, mb, step, flag], dtype=torch.int32))
-        if payload is not None:
-            buf[self.hdr :] = payload.detach().reshape(-1)
-        self.send(buf, stage, tag)
-
-    def pad(self, stage: int, tag: int) -> None:
-        for _ in range(self.depth):
-            self.put(stage, tag, K_PAD, -1)
-
-    def get(self, stage: int, tag: int) -> tuple[int, int, int, int, torch.Tensor]:
-        """Next message of a stream: ``(kind, mb, step, flag, payload shaped like z)``."""
-        chan = self.chans[(stage, tag)]
-        work, buf = chan.popleft()
-        t0 = time.perf_counter()
-        work.wait()
-        self.wait += time.perf_counter() - t0
-        self._post(stage, tag)
-        kind, mb, step, flag = (int(x) for x in self._header(buf).tolist())
-        return kind, mb, step, flag, buf[self.hdr :].view(self.shape).to(self.device)
-
-    def close(self, stage: int, tag: int) -> None:
-        """Consume the pads that answer the receives still posted."""
-        for work, buf in self.chans.pop((stage, tag)):
-            work.wait()
-            kind = int(self._header(buf)[0].item())
-            assert kind == K_PAD, "stream closed with a message still in flight"
+    x: torch.Tensor
+    out: torch.Tensor
+    rng: tuple | None = None
+    zj: torch.Tensor | None = None
+    zp: torch.Tensor | None = None
 
 
 @dataclass
 class _MB:
-    """Per micro-batch state on one stage."""
+    """Per micro-batch state on one stage, from its first message to its last."""
 
-    shape: tuple[int, ...]  # z shape (b, l, d)
-    zdtype: torch.dtype
     u: torch.Tensor | None  # leaf (b, l, inj) that accumulates this stage's u-gradient
     z0: torch.Tensor | None = None  # explicit models, stage 0: the embedding leaf (b, l, d)
-    # last stage: the solve's state (created at the first evaluation)
-    track: FixedPointTracker | None = None
-    # phantom graph pieces per step j: (stage input leaf, stage output[, damped z_j, z_{j-1} leaf])
-    saved: dict[int, tuple] = field(default_factory=dict)
+    u_graph: torch.Tensor | None = None  # stage 0: the embedding/injection output with its graph
+    track: FixedPointTracker | None = None  # last stage: the solve's state
+    steps: dict[int, _Step] = field(default_factory=dict)
+    zj: torch.Tensor | None = None  # last stage: the latest damped iterate (detached)
     loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None  # detached (b, l, V') with keep_logits
+
+
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    return t.grad if t.grad is not None else torch.zeros_like(t)
+
+
+class _Ring:
+    """One stage's part of the ring schedule (see :func:`pipeline_forward_backward`).
+
+    A reader can follow one micro-batch through :meth:`admit` (stage 0), :meth:`forward` (each
+    stage in turn, once per solver evaluation and phantom step), :meth:`forward_last` (the stop
+    decision, the damping and the loss), then :meth:`backward` / :meth:`backward_last` (each
+    phantom step from the last stage back to stage 0), and its end in :meth:`finish_first`.
+    :meth:`run` is the schedule: one forward and one backward piece per tick, then one exchange
+    with both neighbours (:class:`~ilm_megatron.parallel.p2p.RingTransport`).
+    """
+
+    def __init__(self, stage: PipelineStage, opts: dict[str, Any]) -> None:
+        self.stage = stage
+        self.__dict__.update(opts)
+        self.mbs: dict[int, _MB] = {}
+        self.t_fwd, self.t_bwd = _Timer(), _Timer()
+        self.pending = deque(range(self.N))  # stage 0: micro-batches not yet admitted
+        self.live = 0  # stage 0: admitted and not finished
+        self.finished = 0  # stage 0
+        self.bwd_queue: deque[int] = deque()  # last stage: losses waiting for the backward ring
+        self.losses: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.solver: dict[int, SolverStats] = {}
+        self.iters = [1 if self.explicit else 0] * self.N
+
+    # ------------------------------------------------------------------ the stage's F
+    def run_stage(self, mb: _MB, kind: int, step: int, z: torch.Tensor) -> torch.Tensor:
+        """One evaluation of this stage's layers: no-grad for the solve; for phantom step
+        ``step`` with autograd (or, under recompute, no-grad now and again in backward)."""
+        if kind == K_SOLVE:
+            with torch.no_grad(), self.t_fwd, self.amp():
+                return self.stage(z, mb.u)
+        # stage 0's input of step 1 is the detached z*; every other input carries a gradient
+        # (explicit models: stage 0's input is the embedding leaf, whose gradient goes to e)
+        if mb.z0 is not None and z is mb.z0:
+            x = z
+        else:
+            x = z.detach().requires_grad_(self.grads and (step > 1 or not self.stage.is_first))
+        keep = self.grads
+        if self.recompute and keep:
+            rng = _rng_state(x.device)
+            with torch.no_grad(), self.t_fwd, self.amp():
+                out = self.stage(x, mb.u)
+            out = out.requires_grad_(True)  # a leaf: the graph is rebuilt in backward
+            mb.steps[step] = _Step(x, out, rng)
+            return out
+        with torch.enable_grad(), self.t_fwd, self.amp():
+            out = self.stage(x, mb.u)
+        if keep:
+            mb.steps[step] = _Step(x, out)
+        return out
+
+    def backward_stage(self, mb: _MB, rec: _Step, g: torch.Tensor | None) -> None:
+        """Backward of this stage's layers for one phantom step. ``g``: the gradient of the
+        stage output (None: it is already on ``rec.out``, set by the loss or the damping)."""
+        with self.t_bwd:
+            if rec.rng is None:
+                if g is not None:
+                    torch.autograd.backward(rec.out, g)
+                return
+            g = rec.out.grad if g is None else g
+            if g is None:
+                return
+            dev = rec.x.device
+            cuda = [dev] if dev.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+                _set_rng_state(dev, rec.rng)
+                with torch.enable_grad(), self.amp():
+                    out = self.stage(rec.x, mb.u)
+            torch.autograd.backward(out, g)
+
+    # ------------------------------------------------------------------ forward pieces
+    def admit(self) -> Message:
+        """Stage 0: embed the next micro-batch and send its first evaluation (with ``u``)."""
+        i = self.pending.popleft()
+        self.live += 1
+        if i == 0 and self.first_u is not None:  # embedded before the ring started
+            u = self.first_u
+        else:
+            with torch.enable_grad(), self.t_fwd, self.amp():
+                u = self.stage.embed(self.ids[i])
+        leaf = u.detach().requires_grad_(self.grads)
+        if self.explicit:
+            mb = self.mbs[i] = _MB(None, z0=leaf, u_graph=u)
+            z = leaf
+        else:
+            mb = self.mbs[i] = _MB(leaf, u_graph=u)
+            z = torch.zeros(self.z_shape, dtype=self.z_dtype, device=self.dev)
+        kind = K_SOLVE if self.cap > 0 else K_PHANTOM
+        out = self.run_stage(mb, kind, 1, z)
+        return Message(kind, i, 1, 0, out, u=None if self.explicit else u)
+
+    def forward(self, msg: Message) -> Message:
+        """The forward piece of a tick: what arrived from the previous stage, evaluated."""
+        if msg.kind in (K_NONE, K_STOP):
+            return NONE
+        i, step = msg.mb, msg.step
+        if msg.kind == K_SOLVE:
+            self.iters[i] = step
+        if self.stage.is_first:  # a message back from the last stage
+            mb = self.mbs[i]
+            if msg.kind == K_SOLVE and msg.flag and self.evaluate:
+                self.finish_first(i)
+                return NONE
+            if msg.kind == K_SOLVE and msg.flag:  # solved: z is the best iterate
+                kind, step = K_PHANTOM, 1
+            elif msg.kind == K_SOLVE:
+                kind, step = K_SOLVE, step + 1
+            elif msg.kind == K_PHANTOM:
+                kind, step = K_PHANTOM, step + 1
+            else:  # K_DONE: the loss is computed
+                if not self.grads:
+                    self.finish_first(i)
+                return NONE
+            return Message(kind, i, step, 0, self.run_stage(mb, kind, step, msg.z))
+        if i not in self.mbs:  # first sight (implicit models: u comes with it)
+            u = msg.u.requires_grad_(self.grads) if msg.u is not None else None
+            self.mbs[i] = _MB(u)
+        mb = self.mbs[i]
+        out = self.run_stage(mb, msg.kind, step, msg.z)
+        if not self.stage.is_last:
+            if not self.grads and msg.kind == K_PHANTOM and step == self.k:
+                del self.mbs[i]  # forward only: nothing more comes for it here
+            return Message(msg.kind, i, step, 0, out, u=msg.u)
+        return self.forward_last(mb, i, msg.kind, step, out)
+
+    def forward_last(self, mb: _MB, i: int, kind: int, step: int, out: torch.Tensor) -> Message:
+        """Last stage: the stop decision of a solver evaluation, or the damping of a phantom step
+        (and after the last one the head and the loss)."""
+        if kind == K_SOLVE:
+            with self.t_fwd:
+                done = _solver_update(mb, out, step, self.cap, self.tol)
+            if done:
+                self.solver[i] = mb.track.stats()
+            if done and self.evaluate:
+                with torch.no_grad(), self.t_fwd, self.amp():
+                    logits = self.stage.head(mb.track.best, gather=self.gather_logits)
+                    self.losses[i] = self.loss_fn(logits, self.targets[i]).detach()
+                if self.keep_logits:
+                    self.logits[i] = logits
+                del self.mbs[i]
+                return Message(K_SOLVE, i, step, 1)
+            return Message(K_SOLVE, i, step, int(done), mb.track.best if done else out)
+        # phantom step: damping with z_{j-1} held here
+        if step == 1:
+            if mb.track is not None:
+                base = mb.track.best
+            else:  # no solve ran (cap 0): the phantom steps start from zeros
+                base = torch.zeros(self.z_shape, dtype=self.z_dtype, device=self.dev)
+        else:
+            base = mb.zj
+        zp = base.detach().requires_grad_(self.grads and step > 1)
+        with torch.enable_grad(), self.t_fwd, self.amp():
+            zj = damped(out, zp, self.lam)
+        mb.zj = zj.detach()
+        if self.grads:
+            rec = mb.steps[step]
+            rec.zj, rec.zp = zj, zp
+        if step < self.k:
+            return Message(K_PHANTOM, i, step, 0, zj)
+        with torch.enable_grad(), self.t_fwd, self.amp():
+            logits = self.stage.head(zj, gather=self.gather_logits)
+            mb.loss = self.loss_fn(logits, self.targets[i])
+        self.losses[i] = mb.loss.detach()
+        if self.keep_logits:
+            self.logits[i] = logits.detach()
+        if self.grads:
+            self.bwd_queue.append(i)
+        else:
+            del self.mbs[i]
+        return Message(K_DONE, i, step)
+
+    # ------------------------------------------------------------------ backward pieces
+    def backward(self, msg: Message) -> Message:
+        """The backward piece of a tick: the gradient from the next stage through this stage's
+        layers (the last stage: a new loss when nothing arrived)."""
+        if self.stage.is_last:
+            return self.backward_last(msg)
+        if msg.kind != K_BWD:
+            return NONE
+        i, j = msg.mb, msg.step
+        mb = self.mbs[i]
+        rec = mb.steps.pop(j)
+        self.backward_stage(mb, rec, msg.z)
+        if self.stage.is_first:
+            if j > 1:  # on to the last stage, for the z_{j-1} path
+                return Message(K_BWD, i, j, 0, _grad(rec.x))
+            self.finish_first(i, msg.gu)
+            return NONE
+        out = Message(K_BWD, i, j, 0, _grad(rec.x))
+        if j == 1:  # this stage is done with mb: pass the injection gradient on
+            if mb.u is not None:
+                out.gu = _grad(mb.u) if msg.gu is None else msg.gu + _grad(mb.u)
+            del self.mbs[i]
+        return out
+
+    def backward_last(self, msg: Message) -> Message:
+        """Last stage: phantom step ``j - 1`` once stage 0's input-gradient of step ``j`` has come
+        round (added to the damping term's gradient), or the loss of a waiting micro-batch."""
+        if msg.kind == K_BWD:
+            i, j = msg.mb, msg.step
+            mb = self.mbs[i]
+            zp = mb.steps.pop(j).zp
+            g = msg.z if zp.grad is None else msg.z + zp.grad
+            j -= 1
+        elif self.bwd_queue:
+            i, j, g = self.bwd_queue.popleft(), self.k, None
+            mb = self.mbs[i]
+        else:
+            return NONE
+        rec = mb.steps[j]
+        with self.t_bwd:
+            if g is None:
+                (self.loss_scale * mb.loss).backward()
+                mb.loss = None
+            else:
+                torch.autograd.backward(rec.zj, g)
+        self.backward_stage(mb, rec, None)
+        out = Message(K_BWD, i, j, 0, _grad(rec.x))
+        if j == 1:
+            if mb.u is not None:
+                out.gu = _grad(mb.u)
+            del self.mbs[i]
+        return out
+
+    def finish_first(self, i: int, gu: torch.Tensor | None = None) -> None:
+        """Stage 0: micro-batch ``i`` is done; with backward, its injection gradient (summed over
+        the stages: ``gu`` from the others plus this stage's) goes through the embedding."""
+        mb = self.mbs.pop(i)
+        if self.grads:
+            with self.t_bwd:
+                if self.explicit:  # the embedding's gradient arrived through stage 0's input
+                    torch.autograd.backward(mb.u_graph, _grad(mb.z0))
+                else:
+                    g = _grad(mb.u) if gu is None else gu + _grad(mb.u)
+                    torch.autograd.backward(mb.u_graph, g)
+        self.live -= 1
+        self.finished += 1
+
+    # ------------------------------------------------------------------ schedule
+    def run(self, transport: RingTransport) -> None:
+        """Ticks until every micro-batch is done: a forward piece, a backward piece, stage 0's
+        admission, then one exchange with both neighbours."""
+        fwd_in, bwd_in = NONE, NONE
+        first = self.stage.is_first
+        while transport.open:
+            bwd_out = self.backward(bwd_in)
+            fwd_out = self.forward(fwd_in)
+            if first and fwd_out.kind == K_NONE and self.pending and self.live < self.M:
+                fwd_out = self.admit()
+            if (first and self.finished == self.N) or not all(transport.live.values()):
+                fwd_out = bwd_out = Message(K_STOP)
+            fwd_in, bwd_in = transport.exchange(fwd_out, bwd_out)
+        if self.evaluate and not self.stage.is_first:  # stages between never see a solve end
+            self.mbs.clear()
+        assert not self.mbs and not self.bwd_queue, "ring ended with micro-batches in flight"
+
+
+class _Held:
+    """A saved tensor as autograd holds it; gives its bytes back to the counter when freed."""
+
+    __slots__ = ("t", "n", "owner")
+
+    def __init__(self, t: torch.Tensor, n: int, owner: SavedTensorBytes) -> None:
+        self.t, self.n, self.owner = t, n, owner
+
+    def __del__(self) -> None:
+        self.owner.live -= self.n
+
+
+class SavedTensorBytes:
+    """Context manager: the bytes autograd holds for backward inside the block, live and peak.
+
+    Every tensor saved for backward goes through ``torch.autograd.graph.saved_tensors_hooks``;
+    its bytes count from when it is saved until autograd frees it (after its backward, or when
+    the graph is dropped). Tensors sharing a parameter's storage (weights saved by matmuls) do not
+    count: they are not activations.
+
+    Args:
+        params: the parameters to leave out.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor] = ()) -> None:
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.live = 0
+        self.peak = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if t.untyped_storage().data_ptr() in self.params:
+            return t
+        n = t.numel() * t.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        return _Held(t, n, self)
+
+    @staticmethod
+    def _unpack(h: Any) -> torch.Tensor:
+        return h.t if isinstance(h, _Held) else h
+
+    def __enter__(self) -> SavedTensorBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
 
 
 def _in_stage_layout(fn: Callable) -> Callable:
@@ -329,6 +554,26 @@ def _in_stage_layout(fn: Callable) -> Callable:
             return fn(stage, *args, **kwargs)
 
     return wrapper
+
+
+def _embedding_group(stage: PipelineStage, ranks: Sequence[int]) -> dist.ProcessGroup | None:
+    """Megatron-Core's embedding group (first and last stage of this pipeline) when it joins
+    exactly this ring's first and last ranks; None otherwise (a paired exchange is used)."""
+    from ilm_megatron.core.parallel_state import tp_is_initialized
+
+    if not tp_is_initialized():
+        return None
+    from megatron.core import parallel_state as ps
+
+    try:
+        group = ps.get_embedding_group()
+    except (AssertionError, RuntimeError):
+        return None
+    if group is None or not ps.is_rank_in_embedding_group():
+        return None
+    if sorted(dist.get_process_group_ranks(group)) != sorted({ranks[0], ranks[-1]}):
+        return None
+    return group
 
 
 @_in_stage_layout
@@ -350,21 +595,28 @@ def pipeline_forward_backward(
     group: dist.ProcessGroup | None = None,
     evaluate: bool = False,
     gather_logits: bool = True,
+    wire_dtype: torch.dtype | None = None,
+    sum_tied_embedding: bool = True,
 ) -> tuple[list[torch.Tensor], PipelineStats]:
     """Solve, phantom steps and backward of ``N`` micro-batches on a ring of ``P`` stages.
 
     Every rank of the pipeline calls this with its own stage. Gradients are accumulated into the
     ``.grad`` of the parameters of each stage (``loss_scale * sum`` over micro-batches of each
     micro-batch's loss), exactly as a single process running ``model(ids_i)`` and
-    ``(loss_scale * loss_i).backward()`` for each ``i``.
+    ``(loss_scale * loss_i).backward()`` for each ``i``; calling it several times before an
+    optimizer step accumulates further (gradient accumulation over ring calls).
 
     Args:
         stage: this rank's :class:`PipelineStage`.
         ids_microbatches: stage 0: N tensors (b, l) of token ids; ignored elsewhere (may be None).
         targets_microbatches: last stage: N tensors (b, l) of targets; ignored elsewhere.
         cfg: a :class:`~ilm_megatron.config.SolverConfig` (or a full Config); default: the model's.
+            Its ``phantom_impl=recompute`` keeps only each phantom step's stage input and
+            evaluates the stage again in backward.
         n_microbatches: N, needed on stages that get no ``ids_microbatches``.
-        in_flight: M, micro-batches circulating at once (>= 1; >= P keeps every stage busy).
+        in_flight: M, micro-batches admitted and not finished (their activations are what the
+            stages hold); stage 0 admits the next one when one finishes its backward. At most
+            ``P`` are in the forward ring at once; the others are in the backward ring.
         pp_ranks: global ranks of stages ``0..P-1`` (default ``range(P)``). Under TP x PP: this
             rank's pipeline group, :func:`~ilm_megatron.core.parallel_state.pp_global_ranks`.
         loss_fn: ``(logits (b, l, V'), targets (b, l)) -> scalar``; default mean cross-entropy.
@@ -374,16 +626,21 @@ def pipeline_forward_backward(
         keep_logits: the last stage keeps each micro-batch's detached training-mode logits
             (b, l, padded_vocab) in ``stats.logits`` (for checks; costs N logits tensors).
         autocast: a context factory (e.g. bf16 ``torch.autocast``) entered around every forward
-            computation (embedding, stages, damping, head and loss), never around backward.
-        group: a gloo process group holding ``pp_ranks`` for the ring's messages (default: the
-            default group, which must then be gloo); with NCCL training use
-            :func:`~ilm_megatron.core.parallel_state.pipeline_ring_group`.
+            computation (embedding, stages, damping, head and loss, and the recomputation),
+            never around backward.
+        group: the pipeline process group holding ``pp_ranks`` (default: the default group);
+            NCCL or gloo, the same code path.
         evaluate: the evaluation solve instead of training: the solve only (``cfg``'s cap and
             tolerance: pass the eval ones), then the head on each micro-batch's best iterate, as
             the single-process model's training-rule eval solve; no phantom steps, no backward.
         gather_logits: False hands ``loss_fn`` this TP rank's logits columns (b, l, V' / tp)
-            for a vocab-parallel loss (:func:`~ilm_megatron.core.tensor_parallel.
-            vocab_parallel_cross_entropy`) instead of the gathered (b, l, V').
+            for a vocab-parallel loss; True the gathered (b, l, V').
+        wire_dtype: dtype of the iterates and gradients between stages (None: the iterate's;
+            ``torch.bfloat16`` halves the bytes, see docs/pipeline.md for what it costs).
+        sum_tied_embedding: sum the tied embedding's two gradients (stage 0's and the last
+            stage's) at the end of this call. With several ring calls per optimizer step pass
+            True on the last call only: the sum then covers every call once (as Megatron's
+            embedding all-reduce after the last micro-batch).
 
     Returns:
         ``(losses, stats)``: on the last stage the N detached, unscaled losses; [] elsewhere.
@@ -396,7 +653,7 @@ def pipeline_forward_backward(
         cap, k, lam = 0, 1, 1.0
     if evaluate:
         backward = False
-    P, rank = stage.pp_size, stage.pp_rank
+    P = stage.pp_size
     if ids_microbatches is not None and stage.is_first:
         n_microbatches = len(ids_microbatches)
     if n_microbatches is None:
@@ -404,295 +661,105 @@ def pipeline_forward_backward(
     N, M = n_microbatches, max(1, in_flight)
     if pp_ranks is not None and len(pp_ranks) != P:
         raise ValueError(f"pp_ranks has {len(pp_ranks)} ranks for {P} stages")
+    ranks = list(pp_ranks) if pp_ranks is not None else list(range(P))
     dev = stage.device
-    if group is None and dist.get_backend() != "gloo":
-        raise ValueError(
-            "the ring schedule needs a gloo group for its messages under "
-            f"{dist.get_backend()}: pass group=pipeline_ring_group()"
-        )
-    comm = _Comm(pp_ranks if pp_ranks is not None else range(P), dev, group)
-    stats = PipelineStats(iters=[1 if explicit else 0] * N)
     vocab = stage.config.vocab_size
     if loss_fn is None:
 
         def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return default_loss(logits, targets, vocab)
 
-    timer = _Timer()
-    amp = autocast if autocast is not None else contextlib.nullcontext  # forward compute only
-
-    # ---------------------------------------------------------------- 1. injection
-    mbs: dict[int, _MB] = {}
-    u_graph: list[torch.Tensor] = []
-    t_phase = time.perf_counter()
+    t0 = time.perf_counter()
+    amp = amp_ctx(autocast)
+    # shapes and dtypes of the iterate and the injection, from stage 0 to every stage (stage 0
+    # embeds its first micro-batch now to learn them)
+    meta = torch.zeros(8, dtype=torch.long, device=dev)
+    first_u = None
     if stage.is_first:
         assert ids_microbatches is not None
-        d = stage.config.d_model
-        for i, ids in enumerate(ids_microbatches):
-            with torch.enable_grad(), timer, amp():
-                u = stage.embed(ids)
-            u_graph.append(u)
-            zdt = upcast(stage.embedding.weight[:1]).dtype
-            shape = (ids.shape[0], _local_positions(ids.shape[1]), d)
-            inj = 0 if explicit else u.shape[-1]  # explicit: nothing to inject elsewhere
-            meta = torch.tensor(
-                [i, *ids.shape, inj, _DTYPES.index(u.dtype), _DTYPES.index(zdt)], device=dev
+        if len({tuple(ids.shape) for ids in ids_microbatches}) != 1:
+            raise ValueError("all micro-batches must have the same shape")
+        with torch.enable_grad(), amp():
+            first_u = stage.embed(ids_microbatches[0])
+        zdt = upcast(stage.embedding.weight[:1]).dtype
+        ushape = (0, 0, 0) if explicit else tuple(first_u.shape)
+        b, length = ids_microbatches[0].shape
+        meta.copy_(
+            torch.tensor(
+                [b, length, stage.config.d_model, *ushape]
+                + [_DTYPES.index(first_u.dtype), _DTYPES.index(zdt)]
             )
-            for s in range(1, P):
-                comm.send(meta, s, TAG_U)
-                if not explicit:
-                    comm.send(u, s, TAG_U)
-            leaf = u.detach().requires_grad_(True)
-            mbs[i] = _MB(shape, zdt, None, leaf) if explicit else _MB(shape, zdt, leaf)
+        )
+    dist.broadcast(meta, ranks[0], group=group)
+    b, length, d, *ushape, udt, zdt = (int(x) for x in meta.tolist())
+    z_shape = (b, _local_positions(length), d)
+    u_shape = tuple(ushape) if ushape[0] else None
+    transport = RingTransport(
+        ranks, stage.pp_rank, dev, group, z_shape, _DTYPES[zdt], u_shape, _DTYPES[udt], wire_dtype
+    )
+    ring = _Ring(
+        stage,
+        dict(
+            N=N,
+            M=M,
+            cap=cap,
+            tol=tol,
+            k=k,
+            lam=lam,
+            explicit=explicit,
+            evaluate=evaluate,
+            grads=backward,
+            recompute=getattr(s_cfg, "phantom_impl", "autograd") == "recompute",
+            ids=ids_microbatches,
+            targets=targets_microbatches,
+            loss_fn=loss_fn,
+            loss_scale=loss_scale,
+            keep_logits=keep_logits,
+            gather_logits=gather_logits,
+            amp=amp,
+            first_u=first_u,
+            dev=dev,
+            z_shape=z_shape,
+            z_dtype=_DTYPES[zdt],
+        ),
+    )
+    ring.run(transport)
 
-    def get_mb(i: int) -> _MB:
-        """Stages > 0: the cached injection of micro-batch i (received on first sight, in order)."""
-        while i not in mbs:
-            meta = comm.recv((6,), torch.long, 0, TAG_U)
-            j, b, l_, inj, udt, zdt = (int(x) for x in meta.tolist())
-            u = comm.recv((b, l_, inj), _DTYPES[udt], 0, TAG_U) if inj else None
-            shape = (b, _local_positions(l_), stage.config.d_model)
-            mbs[j] = _MB(shape, _DTYPES[zdt], u.requires_grad_(True) if inj else None)
-        return mbs[i]
+    # the tied embedding: stage 0's and the last stage's gradients summed on both
+    if backward and sum_tied_embedding and stage.tied and (stage.is_first or stage.is_last):
+        w = stage.embedding.weight
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        other = ranks[-1] if stage.is_first else ranks[0]
+        transport.all_reduce_pair(w.grad, other, _embedding_group(stage, ranks))
 
-    # ---------------------------------------------------------------- 2. forward ring
-    first = get_mb(0) if not stage.is_first else mbs[0]
-    if stage.is_first and any(mbs[i].shape != first.shape for i in range(N)):
-        raise ValueError("all micro-batches must have the same shape")
-    comm.setup_ring(first.shape, first.zdtype, depth=max(2, M))
-    stats.iterate_shape = tuple(first.shape)
-
-    def stage_phantom(mb: _MB, j: int, z: torch.Tensor) -> torch.Tensor:
-        # stage 0's input of step 1 is the detached z*; every other input carries a gradient
-        # (explicit models: stage 0's input is the embedding leaf, whose gradient goes to e)
-        if mb.z0 is not None and z is mb.z0:
-            x = z
-        else:
-            x = z.detach().requires_grad_(j > 1 or not stage.is_first)
-        with torch.enable_grad(), timer, amp():
-            out = stage(x, mb.u)
-        mb.saved[j] = (x, out)
-        return out
-
-    if stage.is_first:
-        comm.open(P - 1, TAG_RET)
-        pending = deque(range(N))
-        ring: deque[int] = deque()  # micro-batches in flight, in ring order
-
-        def start(i: int, kind: int, step: int, z: torch.Tensor) -> None:
-            mb = mbs[i]
-            if kind == K_SOLVE:
-                with torch.no_grad(), timer, amp():
-                    out = stage(z, mb.u)
-            else:
-                out = stage_phantom(mb, step, z)
-            comm.put(1, TAG_FWD, kind, i, step, 0, out)
-            ring.append(i)
-
-        def start_new() -> None:
-            i = pending.popleft()
-            mb = mbs[i]
-            z0 = mb.z0 if mb.z0 is not None else torch.zeros(mb.shape, dtype=mb.zdtype, device=dev)
-            start(i, K_SOLVE if cap > 0 else K_PHANTOM, 1, z0)
-
-        while pending and len(ring) < M:
-            start_new()
-        while ring:
-            kind, i, step, flag, z = comm.get(P - 1, TAG_RET)
-            assert ring.popleft() == i, "ring order broken"
-            if kind == K_SOLVE:
-                stats.iters[i] = step
-                if flag and evaluate:  # solved; the last stage applied the head
-                    if pending:
-                        start_new()
-                elif flag:  # solved: z is the best iterate, continue with phantom step 1
-                    start(i, K_PHANTOM, 1, z)
-                else:
-                    start(i, K_SOLVE, step + 1, z)
-            elif step < k:
-                start(i, K_PHANTOM, step + 1, z)
-            elif pending:
-                start_new()
-        comm.put(1, TAG_FWD, K_STOP, -1)
-        comm.pad(1, TAG_FWD)
-        comm.close(P - 1, TAG_RET)
-    else:
-        comm.open(rank - 1, TAG_FWD)
-        while True:
-            kind, i, step, flag, z = comm.get(rank - 1, TAG_FWD)
-            if kind == K_STOP:
-                if stage.is_last:
-                    comm.pad(0, TAG_RET)
-                else:
-                    comm.put(rank + 1, TAG_FWD, K_STOP, -1)
-                    comm.pad(rank + 1, TAG_FWD)
-                break
-            mb = get_mb(i)
-            if kind == K_SOLVE:
-                stats.iters[i] = step
-                with torch.no_grad(), timer, amp():
-                    out = stage(z, mb.u)
-            else:
-                out = stage_phantom(mb, step, z)
-            if not stage.is_last:
-                comm.put(rank + 1, TAG_FWD, kind, i, step, 0, out)
-                continue
-            if kind == K_SOLVE:
-                with timer:
-                    done = _solver_update(mb, out, step, cap, tol)
-                stats.iters[i] = step
-                if done and evaluate:
-                    with torch.no_grad(), timer, amp():
-                        logits = stage.head(mb.track.best, gather=gather_logits)
-                        mb.loss = loss_fn(logits, targets_microbatches[i])
-                    if keep_logits:
-                        mb.logits = logits
-                    comm.put(0, TAG_RET, K_SOLVE, i, step, 1)
-                    continue
-                comm.put(0, TAG_RET, K_SOLVE, i, step, int(done), mb.track.best if done else out)
-                continue
-            # phantom step on the last stage: damping with z_{j-1} held here
-            if step == 1:
-                if mb.track is not None:
-                    zp = mb.track.best.detach()
-                else:  # no solve ran (cap 0): the phantom steps start from zeros
-                    zp = torch.zeros(mb.shape, dtype=mb.zdtype, device=dev)
-            else:
-                zp = mb.saved[step - 1][2].detach().requires_grad_(True)
-            with torch.enable_grad(), timer, amp():
-                zj = damped(out, zp, lam)
-            mb.saved[step] = (*mb.saved[step], zj, zp)
-            if step < k:
-                comm.put(0, TAG_RET, K_PHANTOM, i, step, 0, zj)
-            else:
-                tgt = targets_microbatches[i]
-                with torch.enable_grad(), timer, amp():
-                    logits = stage.head(zj, gather=gather_logits)
-                    mb.loss = loss_fn(logits, tgt)
-                if keep_logits:
-                    mb.logits = logits.detach()
-                comm.put(0, TAG_RET, K_PHANTOM, i, step, 1)
-        comm.close(rank - 1, TAG_FWD)
-    comm.flush()
-    stats.total_s["forward"] = time.perf_counter() - t_phase
-    stats.compute_s["forward"], stats.wait_s["forward"] = timer.s, comm.wait
+    stats = PipelineStats(iters=ring.iters, iterate_shape=z_shape)
+    stats.total_s["ring"] = time.perf_counter() - t0
+    stats.compute_s = {"forward": ring.t_fwd.s, "backward": ring.t_bwd.s}
+    stats.wait_s = {"ring": transport.wait_s, **{k: v for k, v in transport.wait_by.items()}}
+    stats.sent_bytes = dict(transport.sent)
+    stats.messages = dict(transport.messages)
     losses: list[torch.Tensor] = []
     if stage.is_last:
         for i in range(N):
-            mb = mbs[i]
-            b = mb.shape[0]
             if explicit:  # as the single-process model: one evaluation, nothing to converge
                 one, zero = torch.ones(b, dtype=torch.long, device=dev), torch.zeros(b, device=dev)
                 stats.solver.append(SolverStats(1, zero, one, 1.0, "explicit"))
-                losses.append(mb.loss.detach())
-                if keep_logits:
-                    stats.logits.append(mb.logits)
-                continue
-            if mb.track is not None:
-                stats.solver.append(mb.track.stats())
+            elif i in ring.solver:
+                stats.solver.append(ring.solver[i])
             else:  # cap 0: nothing evaluated
                 nan = torch.full((b,), float("nan"), device=dev)
                 zeros = torch.zeros(b, dtype=torch.long, device=dev)
                 stats.solver.append(SolverStats(0, nan, zeros, tol, "train"))
-            losses.append(mb.loss.detach())
+            losses.append(ring.losses[i])
             if keep_logits:
-                stats.logits.append(mb.logits)
-    if not backward:
-        return losses, stats
-
-    # ---------------------------------------------------------------- 3. backward ring
-    timer.s, comm.wait = 0.0, 0.0
-    t_phase = time.perf_counter()
-
-    def back(out: torch.Tensor, g: torch.Tensor) -> None:
-        with timer:
-            torch.autograd.backward(out, g)
-
-    if stage.is_last:
-        comm.open(0, TAG_BRET)
-        pending = deque(range(N))
-        ring = deque()
-
-        def bwd_step(i: int, j: int, g: torch.Tensor | None) -> None:
-            """Backward of phantom step j on the last stage; g: grad of z_j (None: the loss)."""
-            mb = mbs[i]
-            x, out, zj, zp = mb.saved[j]
-            if g is None:
-                with timer:
-                    (loss_scale * mb.loss).backward()
-            else:
-                back(zj, g)
-            gx = x.grad if x.grad is not None else torch.zeros_like(x)
-            comm.put(P - 2, TAG_BWD, K_PHANTOM, i, j, 0, gx)
-            ring.append(i)
-
-        while pending and len(ring) < M:
-            bwd_step(pending.popleft(), k, None)
-        while ring:
-            _, i, j, _, g0 = comm.get(0, TAG_BRET)
-            assert ring.popleft() == i, "backward ring order broken"
-            mb = mbs[i]
-            if j > 1:
-                zp = mb.saved[j][3]
-                g = g0 if zp.grad is None else g0 + zp.grad
-                mb.saved.pop(j)
-                bwd_step(i, j - 1, g)
-            else:
-                mb.saved.clear()
-                if pending:
-                    bwd_step(pending.popleft(), k, None)
-        comm.put(P - 2, TAG_BWD, K_STOP, -1)
-        comm.pad(P - 2, TAG_BWD)
-        comm.close(0, TAG_BRET)
-    else:
-        comm.open(rank + 1, TAG_BWD)
-        while True:
-            kind, i, j, _, g = comm.get(rank + 1, TAG_BWD)
-            if kind == K_STOP:
-                if rank > 0:
-                    comm.put(rank - 1, TAG_BWD, K_STOP, -1)
-                    comm.pad(rank - 1, TAG_BWD)
-                else:
-                    comm.pad(P - 1, TAG_BRET)
-                break
-            mb = mbs[i]
-            x, out = mb.saved.pop(j)
-            back(out, g)
-            if rank > 0:
-                comm.put(rank - 1, TAG_BWD, K_PHANTOM, i, j, 0, x.grad)
-            else:  # stage 0's input-gradient goes on to the last stage (z_{j-1} path)
-                comm.put(P - 1, TAG_BRET, K_PHANTOM, i, j, 0, x.grad if j > 1 else None)
-        comm.close(rank + 1, TAG_BWD)
-
-    # ---------------------------------------------------------------- 4. u and embedding grads
-    if stage.is_first:
-        for i in range(N):
-            mb = mbs[i]
-            if explicit:  # the embedding's gradient arrived through stage 0's input
-                gz = mb.z0.grad
-                back(u_graph[i], gz if gz is not None else torch.zeros_like(mb.z0))
-                continue
-            gu = mb.u.grad if mb.u.grad is not None else torch.zeros_like(mb.u)
-            for s in range(1, P):
-                gu = gu + comm.recv(mb.u.shape, mb.u.dtype, s, TAG_UGRAD)
-            back(u_graph[i], gu)
-    elif not explicit:
-        for i in range(N):
-            mb = mbs[i]
-            comm.send(mb.u.grad if mb.u.grad is not None else torch.zeros_like(mb.u), 0, TAG_UGRAD)
-    if stage.tied and (stage.is_first or stage.is_last):
-        w = stage.embedding.weight
-        mine = w.grad.clone() if w.grad is not None else torch.zeros_like(w)
-        other = P - 1 if stage.is_first else 0
-        comm.send(mine, other, TAG_EMB)
-        theirs = comm.recv(w.shape, w.dtype, other, TAG_EMB)
-        # same order of addition on both ends: stage 0's part + last stage's part
-        total = mine + theirs if stage.is_first else theirs + mine
-        w.grad = total
-    comm.flush()
-    stats.total_s["backward"] = time.perf_counter() - t_phase
-    stats.compute_s["backward"], stats.wait_s["backward"] = timer.s, comm.wait
+                stats.logits.append(ring.logits[i])
     return losses, stats
+
+
+def amp_ctx(autocast: Callable[[], AbstractContextManager] | None) -> Callable:
+    """The forward-compute context factory (``contextlib.nullcontext`` without autocast)."""
+    return autocast if autocast is not None else contextlib.nullcontext
 
 
 @torch.no_grad()
@@ -724,6 +791,7 @@ __all__ = [
     "EPS",
     "PipelineStage",
     "PipelineStats",
+    "SavedTensorBytes",
     "default_loss",
     "pipeline_forward_backward",
     "split_model_into_stages",

@@ -211,9 +211,6 @@ def teardown() -> None:
     """Destroy Megatron's groups and the default process group (end of a run)."""
     from megatron.core import parallel_state
 
-    from ilm_megatron.core.parallel_state import forget_ring_groups
-
-    forget_ring_groups()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
