@@ -237,11 +237,32 @@ class ParallelConfig:
     # Megatron's sequence parallelism under TP: norms, residual stream and the fixed-point
     # iterate split along the sequence over the TP group (docs/parallelism.md)
     sequence_parallel: bool = False
+    # pipeline ring (docs/pipeline.md): micro-batches admitted and not finished at once (their
+    # activations are what each stage holds; 0: all of a ring call's micro-batches)
+    in_flight: int = 0
+    # ring calls per optimizer step: the step's micro-batches are split into this many calls
+    # whose gradients accumulate (each call fills and drains the ring)
+    ring_calls: int = 1
+    # dtype of the iterates and gradients sent between stages: "fp32" or "bf16"
+    p2p_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         s = "parallel"
-        for k in ("tp", "pp", "microbatches"):
+        for k in ("tp", "pp", "microbatches", "ring_calls"):
             _check(getattr(self, k) >= 1, s, k, f"must be >= 1, got {getattr(self, k)}")
+        _check(self.in_flight >= 0, s, "in_flight", f"must be >= 0, got {self.in_flight}")
+        _check(
+            self.microbatches % self.ring_calls == 0,
+            s,
+            "ring_calls",
+            f"must divide parallel.microbatches={self.microbatches}, got {self.ring_calls}",
+        )
+        _check(
+            self.p2p_dtype in ("fp32", "bf16"),
+            s,
+            "p2p_dtype",
+            f"must be 'fp32' or 'bf16', got {self.p2p_dtype!r}",
+        )
         _check(self.bucket_mb > 0, s, "bucket_mb", f"must be > 0, got {self.bucket_mb}")
         _check(
             self.zero_stage in (0, 1, 2),

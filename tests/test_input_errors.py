@@ -120,6 +120,19 @@ def test_bad_bucket_size_refused_and_zero2_with_model_parallelism_accepted() -> 
     load_config([], ["model.n_layers=2", "parallel.pp=2", "parallel.zero_stage=2"])
 
 
+def test_bad_pipeline_ring_settings_refused_at_load() -> None:
+    msg = _refused(["parallel.microbatches=4", "parallel.ring_calls=3"])
+    assert "parallel.ring_calls: must divide parallel.microbatches=4, got 3" in msg
+    assert "parallel.in_flight: must be >= 0, got -1" in _refused(["parallel.in_flight=-1"])
+    msg = _refused(["parallel.p2p_dtype=fp16"])
+    assert "parallel.p2p_dtype: must be 'fp32' or 'bf16', got 'fp16'" in msg
+    cfg = load_config([], ["parallel.microbatches=4", "parallel.ring_calls=2",
+                           "parallel.p2p_dtype=bf16", "parallel.in_flight=1"])  # fmt: skip
+    assert (cfg.parallel.ring_calls, cfg.parallel.p2p_dtype, cfg.parallel.in_flight) == (
+        2, "bf16", 1,
+    )  # fmt: skip
+
+
 def test_batch_not_divisible_by_microbatches_refused_at_load() -> None:
     msg = _refused(["train.batch_size=10", "parallel.microbatches=4"])
     assert "train.batch_size: 10 is not divisible by parallel.microbatches=4" in msg

@@ -96,6 +96,21 @@ def test_pp2_matches_single_process(pp2: Path, reference: Path) -> None:
     assert_export_matches(pp2, pp2.parent / "pp2-hf")  # Hugging Face export of a PP checkpoint
 
 
+def test_pp2_one_in_flight_over_two_ring_calls_matches_single_process(
+    tmp_path: Path, reference: Path
+) -> None:
+    """The step's two micro-batches go through the ring one at a time, in two ring calls whose
+    gradients accumulate: the same curve as one process; config.yaml records the settings."""
+    run = tmp_path / "pp2-calls"
+    torchrun_train(
+        run, *BASE, "parallel.pp=2", "parallel.microbatches=2", "train.save_interval=2",
+        "parallel.in_flight=1", "parallel.ring_calls=2",
+    )  # fmt: skip
+    _close(run, reference)
+    used = load_config([run / "config.yaml"], [])
+    assert (used.parallel.in_flight, used.parallel.ring_calls) == (1, 2)
+
+
 def test_tp2_pp2_matches_single_process(tmp_path: Path, reference: Path) -> None:
     run = tmp_path / "run"
     torchrun_train(run, *BASE, "parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2", nproc=4)

@@ -25,11 +25,19 @@ def token_loss(
     return F.cross_entropy(logits[..., :vocab].flatten(0, 1).float(), targets.flatten())
 
 
-def token_accuracy(
+def token_accuracy_tensor(
     logits: torch.Tensor, targets: torch.Tensor, vocab: int, sharded: bool = False
-) -> float:
-    """Argmax accuracy over the targets that count (``-100`` targets are ignored)."""
+) -> torch.Tensor:
+    """:func:`token_accuracy` as a 0-d tensor on the logits' device (no host sync)."""
     keep = targets != IGNORE
     pred = vocab_parallel_argmax(logits, vocab) if sharded else logits[..., :vocab].argmax(-1)
     hits = (pred == targets) & keep
-    return hits.sum().item() / max(1, keep.sum().item())
+    return hits.sum().double() / keep.sum().clamp(min=1).double()
+
+
+def token_accuracy(
+    logits: torch.Tensor, targets: torch.Tensor, vocab: int, sharded: bool = False
+) -> float:
+    """Argmax accuracy over the targets that count (``-100`` targets are ignored).
+    logits (b, l, V') (or this TP rank's columns with ``sharded``), targets (b, l)."""
+    return token_accuracy_tensor(logits, targets, vocab, sharded).item()

@@ -30,7 +30,7 @@ from ilm_megatron.train.engines.base import (
     merge_stats,
     save_distributed_checkpoint,
 )
-from ilm_megatron.train.losses import token_accuracy, token_loss
+from ilm_megatron.train.losses import token_accuracy_tensor, token_loss
 from ilm_megatron.train.optim import (
     OPTIMIZER_FILE,
     adamw_state_by_name,
@@ -60,7 +60,7 @@ class ParallelEngine(_DistributedBase):
     def __init__(self, cfg: Config) -> None:
         from megatron.core import parallel_state as ps
 
-        from ilm_megatron.core.parallel_state import pipeline_ring_group, pp_global_ranks
+        from ilm_megatron.core.parallel_state import pp_global_ranks
         from ilm_megatron.parallel.checkpoint import load_full_state_dict
 
         super().__init__(cfg)
@@ -94,7 +94,8 @@ class ParallelEngine(_DistributedBase):
             self.stage.to(self.device)
             params = list(self.stage.parameters())
             self.pp_ranks = pp_global_ranks()
-            self.ring_group = pipeline_ring_group()  # gloo, whatever the main backend
+            # the ring's messages: Megatron's pipeline group on the main backend (NCCL or gloo)
+            self.ring_group = ps.get_pipeline_model_parallel_group()
         else:
             self.model.to(self.device)
         self.params = params
@@ -188,28 +189,41 @@ class ParallelEngine(_DistributedBase):
             from ilm_megatron.parallel.pipeline import pipeline_forward_backward
 
             sharded = self.sharded_logits
+            par = self.cfg.parallel
+            kept: list[tuple[torch.Tensor, torch.Tensor]] = []
 
             def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                 loss = hook(token_loss(logits, targets, self.vocab, sharded))
-                losses.append(loss.item())
-                accs.append(token_accuracy(logits, targets, self.vocab, sharded))
+                acc = token_accuracy_tensor(logits.detach(), targets, self.vocab, sharded)
+                kept.append((loss.detach(), acc))  # read after the ring: no sync per micro-batch
                 return loss
 
-            _, pstats = pipeline_forward_backward(
-                self.stage,
-                xs if self.pp_rank == 0 else None,
-                ys if self.is_last_stage else None,
-                solver,
-                n_microbatches=mb,
-                in_flight=mb,
-                pp_ranks=self.pp_ranks,
-                loss_fn=loss_fn,
-                loss_scale=1.0 / mb,
-                autocast=self.autocast,  # forward compute only, never the backward
-                group=self.ring_group,
-                gather_logits=not sharded,
-            )
-            stats = pstats.solver
+            calls = par.ring_calls
+            per_call = mb // calls
+            stats = []
+            for c in range(calls):  # the gradients accumulate over the ring calls
+                part = slice(c * per_call, (c + 1) * per_call)
+                _, pstats = pipeline_forward_backward(
+                    self.stage,
+                    xs[part] if self.pp_rank == 0 else None,
+                    ys[part] if self.is_last_stage else None,
+                    solver,
+                    n_microbatches=per_call,
+                    in_flight=par.in_flight or per_call,
+                    pp_ranks=self.pp_ranks,
+                    loss_fn=loss_fn,
+                    loss_scale=1.0 / mb,
+                    autocast=self.autocast,  # forward compute only, never the backward
+                    group=self.ring_group,
+                    gather_logits=not sharded,
+                    wire_dtype=torch.bfloat16 if par.p2p_dtype == "bf16" else None,
+                    sum_tied_embedding=c == calls - 1,  # once, over every call's gradients
+                )
+                stats.extend(pstats.solver)
+            if kept:
+                values = torch.stack([torch.stack([a.double(), b]) for a, b in kept]).tolist()
+                losses.extend(v[0] for v in values)
+                accs.extend(v[1] for v in values)
         if self.model.sequence_parallel:  # the norms' gradients cover this rank's positions
             from ilm_megatron.core.tensor_parallel import reduce_sequence_parallel_grads
 
