@@ -1,78 +1,101 @@
-"""Measure the bubble of the pipeline ring schedule on CPU processes (docs/pipeline.md).
+"""Measure the pipeline ring on CPU processes: bubble, bytes per message, memory, step time.
 
-For P stages (gloo processes, one thread each) and M micro-batches all in flight, the forward ring
-(no-grad solve forced to S iterations by a tiny tolerance, then k phantom steps) is timed on every
-stage: compute time (stage layers, residual, damping), time blocked waiting for a message, and the
-phase's wall time. Reported per stage and averaged over stages, next to the ideal
-``(P-1) / (M*S' + P-1)`` with ``S' = S + k`` ring passes per micro-batch:
+P stages (gloo processes, one thread each; ``--tp 2`` adds a TP group inside each stage, 2P
+processes) build the same model from a seed. Reported (docs/pipeline.md, "Benchmarks"):
 
-* ``idle`` (the bubble): ``wait / total``, time spent waiting for the previous stage;
-* ``non-compute``: ``1 - compute / total``, which adds the communication overhead outside the
-  waits (packing, isend, gloo's I/O thread sharing the core) and any preemption by other load.
+* ``rows``: for each M in ``--microbatches`` (all in flight), the forward ring (no-grad solve
+  forced to S iterations by a tiny tolerance, then k phantom steps), and its idle fraction
+  ``1 - compute / total`` per stage against the ideal bubble ``(P-1) / (M*S' + P-1)`` with
+  ``S' = S + k`` ring passes per micro-batch; ``within_10pp`` says whether it stays within
+  +10 points.
+* ``comm_bytes_over_ideal``: iterate bytes a stage sends per forward message over the ideal
+  ``b * L * d / tp`` fp32 values (headers reported apart), for the training ring.
+* ``saved_bytes_by_in_flight``: the largest stage's peak bytes held for backward (autograd's
+  saved tensors), with the total micro-batches fixed (``--total``) and the in-flight count
+  varied; it should grow with the in-flight count.
+* ``step_s``: wall time of one training ring call (solve, phantom steps, backward) of
+  ``--total`` micro-batches, all in flight (median of ``--repeats``).
+* ``bf16_wire``: a bf16 wire against fp32 with the solve run to ``f_tol`` 0.05, 0.01 and 1e-3
+  (cap ``4 S``): iterations, loss and logits difference.
+
+``--ring-module FILE`` times another implementation of ``pipeline_forward_backward`` (e.g. an
+older ``ilm_megatron/parallel/pipeline.py``) with the rest of the package unchanged; what it does
+not report is left out.
 
 Usage::
 
     python tools/bench_pipeline.py --json
-    python tools/bench_pipeline.py --microbatches 2 4 8 --iters 8 --d-model 256 --seq-len 128
+    python tools/bench_pipeline.py --tp 2 --d-model 256 --seq-len 128 --output out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import importlib.util
 import json
 import os
-import platform
-import socket
 import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from _common import REPO_ROOT, emit_report, machine_info, now_iso
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench_pipeline.py", description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="llama", choices=("llama", "mamba2"))
-    p.add_argument("--stages", type=int, default=2, help="P, pipeline stages (processes)")
+    p.add_argument("--stages", type=int, default=2, help="P, pipeline stages")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size inside each stage")
     p.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8], help="M values")
+    p.add_argument("--total", type=int, default=4, help="micro-batches of the training runs")
     p.add_argument("--iters", type=int, default=8, help="S, forced solver iterations")
-    p.add_argument("--phantom-steps", type=int, default=1, help="k")
+    p.add_argument("--phantom-steps", type=int, default=2, help="k")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=4, help="samples per micro-batch")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per M (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
+    p.add_argument("--ring-module", default=None, help="file defining pipeline_forward_backward")
+    p.add_argument("--output", default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p.parse_args(argv)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ring_module(path: str | None) -> ModuleType:
+    if path is None:
+        from ilm_megatron.parallel import pipeline
+
+        return pipeline
+    spec = importlib.util.spec_from_file_location("bench_ring_impl", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    """One stage: build the model from a seed, run the forward ring for every M, dump timings."""
+def _worker(rank: int, args: argparse.Namespace, out: str) -> None:
+    """One rank: build the model from a seed, run every measurement, dump the numbers."""
+    import dataclasses
+
     import torch
-    import torch.distributed as dist
 
     from ilm_megatron.config import load_config
-    from ilm_megatron.models.lm import ImplicitLM
-    from ilm_megatron.parallel.pipeline import pipeline_forward_backward, split_model_into_stages
+    from ilm_megatron.core.parallel_state import pp_global_ranks, pp_group, pp_rank
+    from ilm_megatron.models.lm import build_model
+    from ilm_megatron.parallel.checkpoint import load_full_state_dict
+    from ilm_megatron.parallel.pipeline import SavedTensorBytes
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    ring_mod = _ring_module(args.ring_module)
+    P, tp = args.stages, args.tp
     cfg = load_config(
         [REPO_ROOT / "configs" / "models" / f"implicit_{args.arch}_tiny.yaml"],
         [
             f"model.d_model={args.d_model}",
-            f"model.n_layers={world}",
+            f"model.n_layers={P}",
             f"model.ffn_hidden_size={4 * args.d_model}",
             f"solver.f_max_iter={args.iters}",
             "solver.f_tol=1e-12",
@@ -80,116 +103,192 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         ],
     )
     torch.manual_seed(0)
-    model = ImplicitLM(cfg.model, cfg.solver).train()
-    stage = split_model_into_stages(model, rank, world)
+    ref = build_model(dataclasses.replace(cfg.model, backend="local"), cfg.solver)
+    model = build_model(dataclasses.replace(cfg.model, backend="tp" if tp > 1 else "local"))
+    load_full_state_dict(model, ref.state_dict())
+    del ref
+    model.train()
+    stage = ring_mod.split_model_into_stages(model, pp_rank(), P)
+    ring_kw: dict[str, Any] = {"pp_ranks": pp_global_ranks()}
+    if args.ring_module is None:
+        ring_kw["group"] = pp_group()
     g = torch.Generator().manual_seed(1)
-    results: list[dict[str, Any]] = []
-    for m in args.microbatches:
-        ids = [
-            torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq_len), generator=g)
-            for _ in range(m)
-        ]
+    vocab = cfg.model.vocab_size
+
+    def batches(n: int) -> list[torch.Tensor]:
+        return [torch.randint(0, vocab, (args.batch, args.seq_len), generator=g) for _ in range(n)]
+
+    def ring(
+        ids: list[torch.Tensor], m: int, backward: bool, solver: Any = None, **kw: Any
+    ) -> tuple[Any, Any]:
+        torch.distributed.barrier()
+        for p in model.parameters():
+            p.grad = None
+        return ring_mod.pipeline_forward_backward(
+            stage, ids, ids, solver or cfg.solver, n_microbatches=len(ids), in_flight=m,
+            backward=backward, **ring_kw, **kw,
+        )  # fmt: skip
+
+    res: dict[str, Any] = {"bubble": [], "saved": {}}
+    for m in args.microbatches:  # forward ring, all in flight
+        ids = batches(m)
         runs = []
         for rep in range(args.repeats + 1):  # the first run warms up
-            dist.barrier()
-            _, stats = pipeline_forward_backward(
-                stage, ids, ids, cfg.solver, n_microbatches=m, in_flight=m, backward=False
-            )
+            _, st = ring(ids, m, backward=False)
             if rep:
+                total = sum(st.total_s.values())
                 runs.append(
-                    {
-                        "total_s": stats.total_s["forward"],
-                        "compute_s": stats.compute_s["forward"],
-                        "wait_s": stats.wait_s["forward"],
-                        "bubble": stats.bubble("forward"),
-                        "wait_frac": stats.wait_s["forward"] / stats.total_s["forward"],
-                        "iters": stats.iters,
-                    }
+                    (
+                        1.0 - sum(st.compute_s.values()) / total,
+                        st.wait_s.get("ring", sum(st.wait_s.values())) / total,
+                        st.wait_s.get("header", 0.0) / total,
+                    )
                 )
-        results.append({"M": m, "runs": runs})
-    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+        res["bubble"].append(
+            {
+                "M": m,
+                "non_compute": statistics.median(r[0] for r in runs),
+                "wait": statistics.median(r[1] for r in runs),
+                "header_wait": statistics.median(r[2] for r in runs),
+                "iters": st.iters,
+            }
+        )
+    ids = batches(args.total)
+    times = []
+    for rep in range(args.repeats + 1):
+        _, st = ring(ids, args.total, backward=True)
+        if rep:
+            times.append(sum(st.total_s.values()))
+    res["step_s"] = statistics.median(times)
+    sent, msgs = getattr(st, "sent_bytes", {}), getattr(st, "messages", {})
+    if msgs.get("iterate"):
+        res["iterate_bytes_per_message"] = sent["iterate"] / msgs["iterate"]
+        res["header_bytes_per_message"] = sent.get("header", 0) / msgs["iterate"]
+        res["sent_bytes"] = sent
+    for m in sorted({1, 2, args.total // 2, args.total} - {0}):
+        with SavedTensorBytes(list(model.parameters())) as saved:
+            ring(ids, m, backward=True)
+        res["saved"][m] = saved.peak
+    if args.ring_module is None:  # the bf16 wire against fp32, solving to a tolerance
+        res["bf16_wire"] = []
+        for tol in (0.05, 0.01, 1e-3):
+            solver = dataclasses.replace(cfg.solver, f_tol=tol, f_max_iter=4 * args.iters)
+            outs = {}
+            for name, wire in (("fp32", None), ("bf16", torch.bfloat16)):
+                losses, st = ring(ids, args.total, False, solver, keep_logits=True, wire_dtype=wire)
+                outs[name] = (losses, st.logits, st.iters)
+            (l32, g32, i32), (l16, g16, i16) = outs["fp32"], outs["bf16"]
+            row: dict[str, Any] = {"f_tol": tol, "iters_fp32": i32, "iters_bf16": i16}
+            if stage.is_last:
+                row["max_loss_diff"] = max(abs(float(a - b)) for a, b in zip(l32, l16))
+                row["max_logits_rel_diff"] = max(
+                    float((a - b).norm() / a.norm()) for a, b in zip(g32, g16)
+                )
+            res["bf16_wire"].append(row)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+
+
+def _entry(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    import torch
+
+    from ilm_megatron.core.parallel_state import init_worker, shutdown_worker
+
+    torch.set_num_threads(1)
+    init_worker(rank, world, port, tp=args.tp, pp=args.stages, backend="gloo")
+    try:
+        _worker(rank, args, out)
+    finally:
+        shutdown_worker()
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Spawn P processes, gather their timings, and compare with the ideal bubble."""
+    """Spawn ``tp * P`` processes and combine their numbers."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch.multiprocessing as mp
 
-    P = args.stages
+    from ilm_megatron.core.parallel_state import free_port
+
+    P, tp = args.stages, args.tp
+    world = P * tp
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(P, _free_port(), args, tmp), nprocs=P, join=True)
-        per_rank = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(P)]
+        mp.spawn(_entry, args=(world, free_port(), args, tmp), nprocs=world, join=True)
+        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    k = args.phantom_steps
     rows = []
     for idx, m in enumerate(args.microbatches):
-        iters = per_rank[0][idx]["runs"][0]["iters"]
+        iters = ranks[0]["bubble"][idx]["iters"]
         assert all(i == args.iters for i in iters), f"solve did not run {args.iters} iters: {iters}"
-        s_eff = args.iters + args.phantom_steps
-        ideal = (P - 1) / (m * s_eff + P - 1)
-        stages = []
-        for r in range(P):
-            runs = per_rank[r][idx]["runs"]
-            stages.append(
-                {
-                    "stage": r,
-                    "idle_frac": statistics.median(x["wait_frac"] for x in runs),
-                    "non_compute_frac": statistics.median(x["bubble"] for x in runs),
-                    "total_s": statistics.median(x["total_s"] for x in runs),
-                    "compute_s": statistics.median(x["compute_s"] for x in runs),
-                    "wait_s": statistics.median(x["wait_s"] for x in runs),
-                }
-            )
-        measured = statistics.mean(s["idle_frac"] for s in stages)
-        non_compute = statistics.mean(s["non_compute_frac"] for s in stages)
+        ideal = (P - 1) / (m * (args.iters + k) + P - 1)
+        measured = statistics.mean(r["bubble"][idx]["non_compute"] for r in ranks)
         rows.append(
             {
-                "P": P,
                 "M": m,
-                "S": args.iters,
-                "k": args.phantom_steps,
-                "ring_passes_per_mb": s_eff,
                 "ideal_bubble": ideal,
                 "measured_bubble_mean": measured,
-                "measured_bubble_max": max(s["idle_frac"] for s in stages),
+                "measured_bubble_max": max(r["bubble"][idx]["non_compute"] for r in ranks),
                 "excess_pp": 100 * (measured - ideal),
+                "wait_frac_mean": statistics.mean(r["bubble"][idx]["wait"] for r in ranks),
+                "header_wait_frac_mean": statistics.mean(
+                    r["bubble"][idx]["header_wait"] for r in ranks
+                ),
                 "within_10pp": measured - ideal <= 0.10,
-                "non_compute_mean": non_compute,
-                "non_compute_excess_pp": 100 * (non_compute - ideal),
-                "stages": stages,
             }
         )
-    return {
+    ideal_bytes = args.batch * args.seq_len * args.d_model * 4 / tp
+    report: dict[str, Any] = {
         "tool": "bench_pipeline",
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "loadavg_1min_after": os.getloadavg()[0],
+        "date": now_iso(),
+        "machine": machine_info(),
+        "ring_module": args.ring_module or "ilm_megatron/parallel/pipeline.py",
+        "P": P,
+        "tp": tp,
         "arch": args.arch,
         "d_model": args.d_model,
         "seq_len": args.seq_len,
         "batch": args.batch,
-        "repeats": args.repeats,
+        "S": args.iters,
+        "k": k,
+        "total_microbatches": args.total,
         "rows": rows,
+        "step_s": statistics.median(r["step_s"] for r in ranks),
+        "saved_bytes_by_in_flight": {
+            m: max(r["saved"][m] for r in ranks) for m in ranks[0]["saved"]
+        },
     }
+    if "iterate_bytes_per_message" in ranks[0]:
+        report["comm_bytes_over_ideal"] = max(
+            r["iterate_bytes_per_message"] / ideal_bytes for r in ranks
+        )
+        report["header_bytes_over_ideal"] = max(
+            r["header_bytes_per_message"] / ideal_bytes for r in ranks
+        )
+        report["sent_bytes_per_rank"] = [r["sent_bytes"] for r in ranks]
+    if "bf16_wire" in ranks[-1]:  # the last stage has the losses
+        report["bf16_wire"] = ranks[-1]["bf16_wire"]
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.stages < 2 or args.iters < 1 or min(args.microbatches) < 1:
-        print("bench_pipeline.py: error: need --stages >= 2, --iters >= 1, M >= 1", file=sys.stderr)
+    if args.stages < 2 or args.iters < 1 or min(args.microbatches) < 1 or args.total < 1:
+        print(
+            "bench_pipeline.py: error: need --stages >= 2, --iters >= 1, M >= 1, --total >= 1",
+            file=sys.stderr,
+        )
         return 2
-    result = run_bench(args)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{'P':>2} {'M':>2} {'S':>3} {'ideal':>7} {'idle':>7} {'max':>7} {'non-comp':>8}")
-        for r in result["rows"]:
+    if args.ring_module is not None and not Path(args.ring_module).is_file():
+        print(f"bench_pipeline.py: error: no such file: {args.ring_module}", file=sys.stderr)
+        return 2
+    report = run_bench(args)
+    emit_report(report, args.output, show=args.json)
+    if not args.json:
+        print(f"{'M':>3} {'ideal':>7} {'bubble':>7} {'max':>7}")
+        for r in report["rows"]:
             print(
-                f"{r['P']:>2} {r['M']:>2} {r['S']:>3} {r['ideal_bubble']:>7.3f} "
-                f"{r['measured_bubble_mean']:>7.3f} {r['measured_bubble_max']:>7.3f} "
-                f"{r['non_compute_mean']:>8.3f}"
+                f"{r['M']:>3} {r['ideal_bubble']:>7.3f} {r['measured_bubble_mean']:>7.3f} "
+                f"{r['measured_bubble_max']:>7.3f}"
             )
+        print(f"step {report['step_s']:.3f} s; saved {report['saved_bytes_by_in_flight']}")
     return 0
 
 
