@@ -297,3 +297,23 @@ def test_stage_split_shares_modules() -> None:
     assert s1.embedding is model.embedding and s0.embedding is model.embedding
     with pytest.raises(ValueError):
         split_model_into_stages(model, 0, 1)
+
+
+@pytest.mark.slow
+def test_bench_pipeline_tool_reports_its_metrics(tmp_path: Path) -> None:
+    """``tools/bench_pipeline.py`` at toy size: the issue's metrics are printed as JSON, the
+    iterate crosses stages once per message, memory grows with the in-flight count."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_pipeline.py"), "--d-model", "32",
+           "--seq-len", "16", "--microbatches", "2", "--total", "4", "--iters", "2",
+           "--repeats", "1", "--output", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    r = json.loads(out.read_text())
+    assert r["comm_bytes_over_ideal"] == 1.0, r
+    saved = r["saved_bytes_by_in_flight"]
+    assert saved["1"] < saved["4"], saved
+    assert {"rows", "step_s", "bf16_wire", "header_bytes_over_ideal"} <= r.keys()
+    assert r["rows"][0]["M"] == 2 and 0.0 <= r["rows"][0]["measured_bubble_mean"] < 1.0
