@@ -10,9 +10,11 @@ counts per micro-batch (and per sample) exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -122,17 +124,24 @@ def _check_case(
     return {"peak_saved": saved.peak, "iterate_bytes_per_message": per_msg}
 
 
-def _worker(rank: int, world: int, port: int, cases: list[tuple[str, tuple[str, ...]]]) -> None:
+@contextlib.contextmanager
+def _gloo(rank: int, world: int, port: int) -> Iterator[None]:
+    """A one-thread gloo worker: the process group for the block, destroyed after it."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, cases: list[tuple[str, tuple[str, ...]]]) -> None:
+    with _gloo(rank, world, port):
         for arch, overrides in cases:
             _check_case(rank, world, arch, overrides)
             dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -151,11 +160,7 @@ def test_pipeline_matches_single_process() -> None:
 
 def _memory_worker(rank: int, world: int, port: int, out: str) -> None:
     """Peak saved bytes per stage for (N, M, phantom_impl) runs, every one checked."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
+    with _gloo(rank, world, port):
         res = {}
         for n_mb, m, impl in [(2, 1, "autograd"), (4, 1, "autograd"), (4, 4, "autograd")] + [
             (4, 1, "recompute")
@@ -165,8 +170,6 @@ def _memory_worker(rank: int, world: int, port: int, out: str) -> None:
             res[f"{n_mb},{m},{impl}"] = r["peak_saved"]
             dist.barrier()
         Path(out, f"rank{rank}.json").write_text(json.dumps(res))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -186,19 +189,13 @@ def test_pipeline_memory_grows_with_in_flight_not_total(tmp_path: Path) -> None:
 
 
 def _wire_worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
+    with _gloo(rank, world, port):
         res = {}
         for name, wire in (("fp32", None), ("bf16", torch.bfloat16)):
             over = ("solver.f_max_iter=6", "solver.f_tol=1e-12")  # both solves run their cap
             res[name] = _check_case(rank, world, "llama", over, wire_dtype=wire)
             dist.barrier()
         Path(out, f"rank{rank}.json").write_text(json.dumps(res))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -217,10 +214,6 @@ def _pairing_worker(rank: int, world: int, port: int, out: str) -> None:
     """Record every batch_isend_irecv call of the ring: (op, peer, numel, dtype) per call."""
     from ilm_megatron.parallel import p2p
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
     calls: list[list[tuple[str, int, int, str]]] = []
     real = dist.batch_isend_irecv
 
@@ -241,11 +234,11 @@ def _pairing_worker(rank: int, world: int, port: int, out: str) -> None:
 
     p2p.dist.batch_isend_irecv = spy
     try:
-        _check_case(rank, world, "llama", ("model.n_layers=3",))
+        with _gloo(rank, world, port):
+            _check_case(rank, world, "llama", ("model.n_layers=3",))
         Path(out, f"rank{rank}.json").write_text(json.dumps(calls))
     finally:
         p2p.dist.batch_isend_irecv = real
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
