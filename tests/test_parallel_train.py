@@ -81,14 +81,20 @@ def test_pp2_matches_single_process(pp2: Path, reference: Path) -> None:
     step4 = pp2 / "checkpoints" / "step-00000004"
     state = torch.load(step4 / "trainer.pt", weights_only=True)
     assert state["layout"] == {"tp": 1, "pp": 2, "dp": 1, "world_size": 2}
-    for r in (0, 1):  # per-rank data position, tagged with the data-parallel rank
-        own = torch.load(step4 / f"trainer-rank{r:05d}.pt", weights_only=True)
-        assert own["counters"]["step"] == 4 and own["dp_rank"] == 0
-    # the gathered model.safetensors loads into a single-process model
+    # every rank wrote its own shards; nothing whole was gathered into the step folder
+    files = {f.name for f in (step4 / "sharded").iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= files, files
+    assert not (step4 / "model.safetensors").exists() and not (step4 / "optimizer.pt").exists()
+    # the final export (run end) loads into a single-process model
     model = ckpt.load_model(pp2 / "model.safetensors")
     assert model.config.backend == "local" and len(model.stack.layers) == 2
-    # AdamW moments of the whole model by parameter name, shaped like the parameters
-    opt = torch.load(step4 / "optimizer.pt", weights_only=True)
+    # the shards read back in one process: the whole model's weights (the final ones) and AdamW
+    # moments by parameter name, shaped like the parameters
+    from ilm_megatron.train.sharded import consolidate
+
+    weights, opt, _ = consolidate(step4)
+    for k, v in model.state_dict().items():
+        assert torch.equal(weights[k], v), k
     shapes = {n: p.shape for n, p in model.named_parameters()}
     for key in ("exp_avg", "exp_avg_sq"):
         assert {n: t.shape for n, t in opt[key].items()} == shapes, key
@@ -254,7 +260,7 @@ def test_pp2_dp2_zero2_matches_single_process(pp2_dp2_zero2: Path, reference: Pa
     assert "TP=1, PP=2, DP=2, ZeRO-2" in _engine(run)
     _close(run, reference)
     step4 = run / "checkpoints" / "step-00000004"
-    opt = torch.load(step4 / "optimizer.pt", weights_only=True)
+    opt = ckpt_moments(step4)
     ref_moments = ckpt_moments(reference / "checkpoints" / "step-00000004")
     assert set(opt["step"].values()) == {4.0}
     for key in ("exp_avg", "exp_avg_sq"):
@@ -274,6 +280,10 @@ def ckpt_moments(step_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The AdamW moments by name of a checkpoint, whatever engine wrote it."""
     from ilm_megatron.train.engines import adamw_state_from_single_process
 
+    if (step_dir / "sharded").is_dir():  # written by several ranks: read back in one process
+        from ilm_megatron.train.sharded import consolidate
+
+        return consolidate(step_dir)[1]
     if (step_dir / "optimizer.pt").is_file():
         return torch.load(step_dir / "optimizer.pt", weights_only=True)
     shared = torch.load(step_dir / "trainer.pt", weights_only=True)

@@ -68,6 +68,37 @@ def test_tp1_builds_the_local_model(arch: str) -> None:
         assert torch.equal(local[name], tp[name]), name
 
 
+def _units(cfg, pp_rank: int, pp_size: int) -> frozenset[str]:
+    from ilm_megatron.models.init import stage_units
+
+    m = cfg.model
+    return stage_units(m.n_layers, m.implicit, m.tie_embeddings, pp_rank, pp_size)
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_stage_builds_hold_only_their_units(arch: str) -> None:
+    """A pipeline stage's build (``keep=``) materialises its units only, each equal to the
+    single-process model's from the same seed; the other units stay on meta."""
+    from ilm_megatron.models.lm import build_model
+
+    cfg = tiny_config(arch, overrides=("model.n_layers=3",))
+    torch.manual_seed(SEED)
+    full = build_model(cfg.model).state_dict()
+    held: set[str] = set()
+    for pp_rank in range(3):
+        torch.manual_seed(SEED)
+        part = build_model(cfg.model, keep=_units(cfg, pp_rank, 3))
+        real = {k for k, v in part.state_dict().items() if not v.is_meta}
+        layers = {k.split(".")[2] for k in real if k.startswith("stack.layers.")}
+        assert layers == {str(pp_rank)}, (pp_rank, layers)
+        assert ("embedding.weight" in real) == (pp_rank in (0, 2)), pp_rank  # tied: first, last
+        assert ("stack.final_norm.weight" in real) == (pp_rank == 2)
+        for k in real:
+            assert torch.equal(part.state_dict()[k], full[k]), (pp_rank, k)
+        held |= real
+    assert held == set(full)
+
+
 def init_worker(rank: int, result_path: str) -> None:
     """TP=2 rank: fresh TP layers and models against single-process ones from the same seed."""
     from ilm_megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -107,6 +138,19 @@ def init_worker(rank: int, result_path: str) -> None:
         res["models"][arch]["__all_equal__"] = all(
             torch.equal(v, local.state_dict()[k]) for k, v in full.items()
         )
+        # TP=2 x PP=2 shares: each stage's units only, the rest on meta
+        staged = {}
+        for pp_rank in range(2):
+            torch.manual_seed(SEED)
+            part = build_model(cfg.model, keep=_units(cfg, pp_rank, 2))
+            real = {k: v for k, v in part.state_dict().items() if not v.is_meta}
+            got = gather_tensors(part, real)
+            staged[pp_rank] = {
+                "names": sorted(got),
+                "equal": all(torch.equal(v, local.state_dict()[k]) for k, v in got.items()),
+            }
+        res["staged"] = {**res.get("staged", {}), arch: staged}
+        res["names"] = {**res.get("names", {}), arch: sorted(local.state_dict())}
     if rank == 0:
         with open(result_path, "w") as f:
             json.dump(res, f)
@@ -136,6 +180,12 @@ def test_tp2_fresh_init_matches_single_process(tmp_path) -> None:
         assert params.pop("bias_equal"), key
         for name, r in params.items():
             assert r["equal"], (key, name, r)
-    # Llama's sharded parameters are all linear layers (and the vocabulary-parallel embedding):
-    # the whole TP model equals the local one from the same seed
-    assert res["models"]["llama"]["__all_equal__"], res["models"]["llama"]
+    # build_model initialises every unit from its own seed at global shapes and keeps this
+    # rank's shard, so the whole TP model (Mamba2's per-head dt_bias, A_log and its depthwise
+    # conv included) equals the local one from the same seed
+    for arch in CASES:
+        assert res["models"][arch]["__all_equal__"], (arch, res["models"][arch])
+        stages = res["staged"][arch]
+        assert all(s["equal"] for s in stages.values()), (arch, stages)
+        held = set(stages["0"]["names"]) | set(stages["1"]["names"])
+        assert held == set(res["names"][arch]), arch  # every tensor is held by some stage

@@ -111,6 +111,9 @@ def resolve_source(path: str | Path) -> Source:
         if problem is not None:
             raise ConversionError(f"checkpoint {folder} is damaged: {problem}")
         weights = folder / WEIGHTS
+        if not weights.is_file() and (folder / "sharded").is_dir():
+            weights = _consolidated(folder)
+            notes.append(f"read the sharded checkpoint {folder} (consolidated for the export)")
         if not weights.is_file():
             raise ConversionError(f"{weights} is missing")
     else:
@@ -122,6 +125,24 @@ def resolve_source(path: str | Path) -> Source:
     if text is None and folder is not None and (folder / "config.yaml").is_file():
         text = (folder / "config.yaml").read_text()
     return Source(weights, folder, text, notes)
+
+
+def _consolidated(folder: Path) -> Path:
+    """The whole model of a sharded step folder as a ``model.safetensors`` in a temporary folder
+    (removed when the process exits)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from ilm_megatron.train.checkpoint import save_state_dict
+    from ilm_megatron.train.sharded import consolidate
+
+    weights, _, cfg = consolidate(folder)
+    tmp = Path(tempfile.mkdtemp(prefix="ilm-consolidated-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    path = tmp / WEIGHTS
+    save_state_dict(weights, cfg, path)
+    return path
 
 
 def read_checkpoint(weights: Path) -> tuple[ModelConfig, SolverConfig, dict[str, torch.Tensor]]:

@@ -14,7 +14,9 @@ and :meth:`ImplicitLM.generate` solve one token at a time with caches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,7 @@ from ilm_megatron.core.tensor_parallel import (
 from ilm_megatron.implicit.phantom import phantom_steps, phantom_steps_recompute
 from ilm_megatron.implicit.sequential import solve_token
 from ilm_megatron.implicit.solver import Reduce, SolverStats, solve, solve_damped_reference
+from ilm_megatron.models.init import unit
 from ilm_megatron.models.layers import Linear, RMSNorm
 from ilm_megatron.models.specs import get_stack_spec
 from ilm_megatron.models.stack import upcast
@@ -68,36 +71,39 @@ class ImplicitLM(nn.Module):
         # weight norm: reuse each reparametrised weight within a solve (see cached_weights)
         self.cache_parametrizations = True
         spec = stack_spec if stack_spec is not None else get_stack_spec(config.arch, config.backend)
-        if config.backend == "tp":  # vocabulary rows split over the TP group
-            self.embedding = VocabParallelEmbedding(
-                config.padded_vocab_size, config.d_model, config.init_std
-            )
-        else:
-            self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
-            nn.init.normal_(self.embedding.weight, std=config.init_std)
+        # each unit from its own seed under a build plan (see ilm_megatron.models.init)
+        with unit("embedding"):
+            if config.backend == "tp":  # vocabulary rows split over the TP group
+                self.embedding = VocabParallelEmbedding(
+                    config.padded_vocab_size, config.d_model, config.init_std
+                )
+            else:
+                self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+                nn.init.normal_(self.embedding.weight, std=config.init_std)
         self.stack = build_module(spec, config)
         self.injection_norm: nn.Module | None = None
         self.injection: nn.Module | None = None
         if config.implicit:
-            self.injection_norm = RMSNorm(config.d_model, config=config)
+            with unit("injection_norm"):
+                self.injection_norm = RMSNorm(config.d_model, config=config)
             inj = getattr(spec.submodules, "injection", None) or Linear
             parts = self.stack.injection_parts
-            self.injection = build_module(
-                inj,
-                config.d_model,
-                self.stack.injection_size,
-                config=config,
-                bias=True,
-                partition_sizes=parts,
-            )
+            with unit("injection"):
+                self.injection = build_module(
+                    inj,
+                    config.d_model,
+                    self.stack.injection_size,
+                    config=config,
+                    bias=True,
+                    partition_sizes=parts,
+                )
             set_tp_layout(self.injection.weight, 0, parts)
             set_tp_layout(self.injection.bias, 0, parts)
         head_cls = ColumnParallelLinear if config.backend == "tp" else Linear
-        self.lm_head = (
-            None
-            if config.tie_embeddings
-            else head_cls(config.d_model, config.padded_vocab_size, config=config)
-        )
+        self.lm_head = None
+        if not config.tie_embeddings:
+            with unit("lm_head"):
+                self.lm_head = head_cls(config.d_model, config.padded_vocab_size, config=config)
         if config.implicit and config.iterate_init_scale != 1.0:
             scale_iterate_weights(self, config.iterate_init_scale)
         if config.weight_norm:
@@ -435,6 +441,76 @@ def apply_weight_norm(model: ImplicitLM) -> None:
                 weight_norm(mod, name="weight", dim=0)
 
 
-def build_model(config: ModelConfig, solver: SolverConfig | None = None) -> ImplicitLM:
-    """Build the model registered for ``config.arch`` from its ModuleSpec."""
-    return ImplicitLM(config, solver)
+def build_model(
+    config: ModelConfig,
+    solver: SolverConfig | None = None,
+    *,
+    keep: Collection[str] | None = None,
+    device: torch.device | str | None = None,
+) -> ImplicitLM:
+    """Build the model registered for ``config.arch`` from its ModuleSpec, unit by unit.
+
+    Each unit (:mod:`ilm_megatron.models.init`) is initialised from its own seed, derived from
+    one draw of the global generator, so ``torch.manual_seed(s); build_model(cfg)`` gives the same
+    weights at every TP size and for every subset of units.
+
+    Args:
+        config: the model; with ``backend="tp"`` this rank's tensor-parallel shard is built.
+        solver: the solver settings the model carries.
+        keep: the unit names to materialise (e.g. a pipeline stage's,
+            :func:`~ilm_megatron.models.init.stage_units`); the others stay on ``meta`` and
+            allocate nothing. None: every unit.
+        device: where the kept units are placed (default: the CPU).
+
+    Inside ``with torch.device("meta")`` the whole model is built on ``meta`` (shapes only).
+    """
+    from ilm_megatron.models.init import BuildPlan, ambient_meta, build_plan, draw_base_seed
+
+    if ambient_meta():
+        return ImplicitLM(config, solver)
+    base = draw_base_seed()
+    keep_set = None if keep is None else frozenset(keep)
+    if keep_set is None and model_tp_size(config) == 1:  # every unit, at global shapes: direct
+        with build_plan(BuildPlan(base)):
+            model = ImplicitLM(config, solver)
+        return model.to(device) if device is not None else model
+    return _build_by_units(config, solver, base, keep_set, device)
+
+
+def _build_by_units(
+    config: ModelConfig,
+    solver: SolverConfig | None,
+    base: int,
+    keep: frozenset[str] | None,
+    device: torch.device | str | None,
+) -> ImplicitLM:
+    """Meta model, then each kept unit from a single-process twin with only that unit real,
+    sharded for this TP rank and copied in on ``device`` (one unit at global size at a time)."""
+    from ilm_megatron.core.parallel_state import tp_rank
+    from ilm_megatron.models.init import BuildPlan, build_plan, to_empty, unit_names
+    from ilm_megatron.parallel.checkpoint import shard_state_dict, tp_layout
+
+    with torch.device("meta"):
+        model = ImplicitLM(config, solver)
+    names = unit_names(config.n_layers, config.implicit, model.lm_head is None)
+    wanted = [n for n in names if keep is None or n in keep]
+    unknown = sorted(set(keep or ()) - set(names))
+    if unknown:
+        raise ValueError(f"no such model unit(s): {unknown} (units: {names})")
+    tp = model_tp_size(config)
+    twin_cfg = dataclasses.replace(config, backend="local")
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    for name in wanted:
+        with build_plan(BuildPlan(base, frozenset([name]))):
+            twin = ImplicitLM(twin_cfg, solver)
+        src = twin.get_submodule(name)
+        dst = model.get_submodule(name)
+        full = src.state_dict()
+        if len(full) != len(list(dst.parameters())) + len(list(dst.buffers())):
+            raise RuntimeError(f"unit {name}: tensors outside its state dict cannot be rebuilt")
+        layout = tp_layout(dst)
+        to_empty(dst, target)  # keeps the TP layout marked on each parameter
+        with torch.no_grad():
+            dst.load_state_dict(shard_state_dict(full, layout, tp_rank() if tp > 1 else 0, tp))
+        del twin, src, full
+    return model

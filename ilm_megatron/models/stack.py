@@ -18,6 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
 from ilm_megatron.config import ModelConfig
+from ilm_megatron.models.init import unit
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -85,11 +86,13 @@ class Stack(nn.Module):
 
     def __init__(self, config: ModelConfig, submodules: StackSubmodules) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            build_module(submodules.layer, config, layer_number=i + 1)
-            for i in range(config.n_layers)
-        )
-        self.final_norm = build_module(submodules.final_norm, config.d_model, config=config)
+        layers = []
+        for i in range(config.n_layers):  # one unit each (ilm_megatron.models.init)
+            with unit(f"stack.layers.{i}"):
+                layers.append(build_module(submodules.layer, config, layer_number=i + 1))
+        self.layers = nn.ModuleList(layers)
+        with unit("stack.final_norm"):
+            self.final_norm = build_module(submodules.final_norm, config.d_model, config=config)
 
     @property
     def injection_size(self) -> int:

@@ -18,7 +18,7 @@ stage 0 (TP rank 0), which writes the file atomically (temporary file + rename).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -97,10 +97,31 @@ def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return gather_tensors(model, grads)
 
 
-def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor]) -> None:
-    """Load a full state dict into ``model``, keeping this TP rank's shard of each tensor."""
-    sd = shard_state_dict(full, tp_layout(model), tp_rank(), _model_tp(model))
-    model.load_state_dict(sd)
+def load_full_state_dict(
+    model: nn.Module, full: Mapping[str, torch.Tensor], names: Collection[str] | None = None
+) -> None:
+    """Load a full state dict into ``model``, keeping this TP rank's shard of each tensor.
+
+    ``names``: load only these state-dict names (a pipeline stage's; the rest of ``model`` may be
+    on ``meta``), each of which ``full`` must hold. None: all of them (strict).
+    """
+    if names is None:
+        sd = shard_state_dict(full, tp_layout(model), tp_rank(), _model_tp(model))
+        model.load_state_dict(sd)
+        return
+    missing = sorted(n for n in names if n not in full)
+    if missing:
+        raise KeyError(f"the state dict lacks {missing}")
+    part = {n: full[n] for n in names}
+    sd = shard_state_dict(part, tp_layout(model), tp_rank(), _model_tp(model))
+    own = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for n, v in sd.items():
+            if own[n].shape != v.shape:
+                raise ValueError(
+                    f"{n}: shape {tuple(v.shape)} vs the model's {tuple(own[n].shape)}"
+                )
+            own[n].copy_(v)
 
 
 def _model_tp(model: nn.Module) -> int:

@@ -45,6 +45,7 @@ from torch import nn
 
 from ilm_megatron.core import parallel_state as ps
 from ilm_megatron.core.tensor_parallel import get_tp_layout
+from ilm_megatron.errors import UserError
 from ilm_megatron.parallel.checkpoint import _model_tp, stage_state_names
 
 Offsets = Sequence[tuple[int, int, int]]
@@ -304,3 +305,149 @@ def load_dist_checkpoint(
     loaded = dist_checkpointing.load(sharded, str(directory))  # raises on a missing key
     model.load_state_dict(loaded, strict=stage is None)
     return sorted(loaded)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: weights, AdamW state and data positions, one folder of shards
+
+MODEL_PREFIX = "model."
+MOMENTS = ("exp_avg", "exp_avg_sq")
+DATA_KEY = "data.position"
+
+
+def _step_tensors(
+    model: nn.Module,
+    steps: Mapping[str, torch.Tensor],
+    stage: nn.Module | None,
+    metadata: Mapping[str, Any] | None,
+) -> ShardedStateDict:
+    """AdamW's step count of each parameter: a one-element tensor, replicated over TP and DP."""
+    own, copies = _stage_sets(model, stage)
+    dp, tp = _dp_rank(metadata), ps.tp_rank()
+    out: ShardedStateDict = {}
+    for name, t in steps.items():
+        if own is not None and name not in own:
+            continue
+        rid = (1 if name in copies else 0, tp, dp)
+        key = f"optimizer.step.{name}"
+        out[key] = ShardedTensor.from_rank_offsets(key, t, replica_id=rid)
+    return out
+
+
+def training_sharded_state_dict(
+    model: nn.Module,
+    stage: nn.Module | None,
+    weights: Mapping[str, torch.Tensor],
+    moments: Mapping[str, Mapping[str, torch.Tensor]],
+    steps: Mapping[str, torch.Tensor],
+    data: Sequence[tuple[int, Any]],
+    dp_size: int,
+    metadata: Mapping[str, Any] | None = None,
+) -> ShardedStateDict:
+    """One sharded state dict of a training step: every key is layout-free.
+
+    Args:
+        model: this rank's (TP-sharded, stage-split) model: TP layouts and stage ownership.
+        stage: this rank's pipeline stage (None without PP).
+        weights: ``{state-dict name: tensor}`` of this rank (its stage's, local TP shapes).
+        moments: ``{"exp_avg": {name: t}, "exp_avg_sq": {...}}`` shaped like ``weights``.
+        steps: ``{name: one-element float64 tensor}``, AdamW's step count per parameter.
+        data: ``[(dp_rank, state)]``: data positions (ShardedObjects ``data.position`` of global
+            shape ``(dp_size,)``); the one this rank saves, or the ones it loads.
+        dp_size: the data-parallel size the positions are indexed by.
+        metadata: Megatron's metadata (``dp_cp_group``).
+
+    Keys: ``model.<name>``, ``optimizer.<moment>.<name>``, ``optimizer.step.<name>``,
+    ``data.position``. Only the first stage's TP rank 0 writes a data position (the replica's
+    other ranks hold the same one).
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    out = sharded_state_dict_of(model, weights, MODEL_PREFIX, (), metadata, stage)
+    for key in MOMENTS:
+        out.update(
+            sharded_state_dict_of(model, moments[key], f"optimizer.{key}.", (), metadata, stage)
+        )
+    out.update(_step_tensors(model, steps, stage, metadata))
+    pp_rank = stage.pp_rank if stage is not None else 0  # type: ignore[attr-defined]
+    replica = (pp_rank, ps.tp_rank())
+    for i, (dp_rank, state) in enumerate(data):
+        out[f"{DATA_KEY}.{i}"] = ShardedObject(DATA_KEY, state, (dp_size,), (dp_rank,), replica)
+    return out
+
+
+def save_sharded(
+    sharded: ShardedStateDict, directory: str | Path, parallel_group: Any = None
+) -> None:
+    """``dist_checkpointing.save`` of ``sharded`` into ``directory`` (which must not exist yet).
+
+    Every rank writes its own main replicas in parallel; with ``parallel_group`` (the
+    data-parallel group) Megatron's fully parallel strategy also spreads the writing of
+    replicated tensors over its ranks instead of leaving it to the first replica. Collective.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    _require_dist()
+    base = save_strategy() or TorchDistSaveShardedStrategy("torch_dist", 1)
+    strategy = FullyParallelSaveStrategyWrapper(base, parallel_group) if parallel_group else base
+    if dist.get_rank() == 0:
+        os.makedirs(directory, exist_ok=False)
+    dist.barrier()
+    dist_checkpointing.save(sharded, str(directory), sharded_strategy=strategy)
+
+
+def check_shards(directory: str | Path) -> None:
+    """Refuse a sharded checkpoint whose files do not cover its index: a missing or truncated
+    ``*.distcp`` file is named (the reader would fail with a less helpful message).
+
+    Raises:
+        CheckpointShardError: the index is missing or unreadable, or a shard file is absent or
+            shorter than the bytes the index places in it.
+    """
+    import pickle
+
+    directory = Path(directory)
+    index = directory / ".metadata"
+    if not index.is_file():
+        raise CheckpointShardError(f"{index} is missing: not a complete sharded checkpoint")
+    try:
+        with open(index, "rb") as fh:
+            meta = pickle.load(fh)
+        storage = meta.storage_data
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged index
+        raise CheckpointShardError(f"{index} is unreadable ({type(e).__name__}: {e})") from None
+    need: dict[str, int] = {}
+    for info in storage.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        f = directory / rel
+        if not f.is_file():
+            raise CheckpointShardError(f"{f} is missing (the index places {size} bytes in it)")
+        have = f.stat().st_size
+        if have < size:
+            raise CheckpointShardError(f"{f} has {have} bytes, the index needs {size} (truncated)")
+
+
+def load_sharded(sharded: ShardedStateDict, directory: str | Path) -> dict[str, Any]:
+    """``dist_checkpointing.load`` with the shard files checked first; a reader failure is
+    re-raised naming the checkpoint folder. Collective."""
+    from megatron.core import dist_checkpointing
+
+    _require_dist()
+    check_shards(directory)
+    try:
+        # each rank asks for its own pieces only (e.g. one data position of several), so the
+        # requests need not cover every saved object; missing keys still raise
+        return dist_checkpointing.load(sharded, str(directory), validate_access_integrity=False)
+    except Exception as e:  # noqa: BLE001 - torch.distributed.checkpoint raises many kinds
+        raise CheckpointShardError(
+            f"{directory}: cannot read the sharded checkpoint ({type(e).__name__}: {e})"
+        ) from None
+
+
+class CheckpointShardError(UserError, RuntimeError):
+    """A sharded checkpoint that cannot be read; the message names the file."""

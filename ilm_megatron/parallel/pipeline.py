@@ -55,6 +55,7 @@ from ilm_megatron.core.tensor_parallel import (
 )
 from ilm_megatron.implicit.phantom import _rng_state, _set_rng_state
 from ilm_megatron.implicit.solver import EPS, FixedPointTracker, SolverStats, damped
+from ilm_megatron.models.init import stage_layer_range
 from ilm_megatron.models.stack import upcast
 from ilm_megatron.parallel.p2p import (
     K_BWD,
@@ -69,13 +70,6 @@ from ilm_megatron.parallel.p2p import (
 )
 
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-def stage_layer_range(n_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
-    """Contiguous layers ``[start, end)`` of stage ``pp_rank`` (remainder spread over the first)."""
-    base, rem = divmod(n_layers, pp_size)
-    start = pp_rank * base + min(pp_rank, rem)
-    return start, start + base + (1 if pp_rank < rem else 0)
 
 
 class PipelineStage(nn.Module):

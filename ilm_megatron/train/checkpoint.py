@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,11 @@ def weights_file(path: str | Path) -> Path:
     """
     p = Path(path)
     f = p / "model.safetensors" if p.is_dir() else p
+    if not f.is_file() and p.is_dir() and (p / "sharded").is_dir():
+        raise CheckpointError(
+            f"{p} holds a sharded checkpoint (written by several ranks): make the whole model "
+            f"first with python tools/consolidate_checkpoint.py {p}"
+        )
     if not f.is_file():
         what = "a folder without model.safetensors" if p.is_dir() else "missing"
         raise CheckpointError(f"{p}: {what} (expected a checkpoint folder or a .safetensors file)")
@@ -153,10 +159,11 @@ def init_from_checkpoint(model: ImplicitLM, cfg: Config) -> Path | None:
     return f
 
 
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint (for tools)."""
+def load_state(path: Path, names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: all of them, or only ``names`` (read lazily, nothing else)."""
     with safe_open(str(path), framework="pt") as fh:
-        return {k: fh.get_tensor(k) for k in fh.keys()}
+        keys = fh.keys() if names is None else [k for k in fh.keys() if k in set(names)]
+        return {k: fh.get_tensor(k) for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +231,10 @@ def verify_checkpoint(folder: Path, legacy: bool = False) -> str | None:
         files = json.loads(man.read_text())["files"]
     except (ValueError, KeyError, UnicodeDecodeError) as e:
         return f"{man} is unreadable ({type(e).__name__})"
-    if not isinstance(files, dict) or "model.safetensors" not in files:
-        return f"{man} lists no model.safetensors"
+    if not isinstance(files, dict) or not (
+        "model.safetensors" in files or "sharded/.metadata" in files
+    ):
+        return f"{man} lists no model.safetensors (nor sharded/.metadata)"
     for rel, want in files.items():
         f = folder / rel
         if not f.is_file():

@@ -144,6 +144,17 @@ class ShardData:
         return out
 
 
+GLOBAL_STREAM_TASKS = ("word_problem", "catbabi")
+
+
+def global_stream(task: str) -> bool:
+    """True when every data-parallel rank slices the same global batch stream (word problem,
+    CatbAbI): the saved position is valid at any data-parallel size. The shard loader gives each
+    rank its own block of every epoch instead (``docs/training.md`` says why that cannot be
+    re-split)."""
+    return task in GLOBAL_STREAM_TASKS
+
+
 def build_train_data(cfg: Config, rank: int = 0, world_size: int = 1):
     """The data source named by ``data.task``."""
     if cfg.data.task == "word_problem":
@@ -159,4 +170,5 @@ __all__ = [
     "ShardData",
     "WordProblemData",
     "build_train_data",
+    "global_stream",
 ]

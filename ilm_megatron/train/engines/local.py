@@ -18,6 +18,7 @@ from ilm_megatron.train.checkpoint import (
     save_model,
     save_training_checkpoint,
 )
+from ilm_megatron.train.data import global_stream
 from ilm_megatron.train.engines.base import (
     Engine,
     StepOutput,
@@ -30,6 +31,7 @@ from ilm_megatron.train.optim import (
     load_adamw_state_by_name,
     new_optimizer,
 )
+from ilm_megatron.train.sharded import is_sharded, process_group
 
 
 class LocalEngine(Engine):
@@ -50,8 +52,10 @@ class LocalEngine(Engine):
         if latest is None:
             return None
         _refuse_deepspeed_checkpoint(latest)
-        load_model(latest / "model.safetensors", self.model)
         state = torch.load(latest / "trainer.pt", weights_only=True)
+        if is_sharded(latest):  # written by the TP/PP/DP trainer, read at one process
+            return self._setup_sharded(latest, state)
+        load_model(latest / "model.safetensors", self.model)
         if "optimizer" in state:
             saved_groups = state["optimizer"]["param_groups"]
             if [g.get("param_names") for g in saved_groups] == [
@@ -64,7 +68,7 @@ class LocalEngine(Engine):
             return state
         # written by the TP/PP trainer: whole-model AdamW state by name
         saved = state.get("layout", {})
-        if saved.get("dp", 1) != 1 and self.cfg.data.task != "word_problem":
+        if saved.get("dp", 1) != 1 and not global_stream(self.cfg.data.task):
             raise ValueError(
                 f"{latest} was written with DP={saved['dp']}: the {self.cfg.data.task} data "
                 "position is per data-parallel rank, so it cannot resume in one process"
@@ -73,6 +77,25 @@ class LocalEngine(Engine):
         load_adamw_state_by_name(self.opt, list(self.model.named_parameters()), full)
         was = f"TP={saved.get('tp')}, PP={saved.get('pp')}, DP={saved.get('dp')}"
         return {**state, "resumed_from": f" (written by {was})"}
+
+    def _setup_sharded(self, latest: Path, shared: dict) -> dict:
+        """Weights, AdamW state and data position of a sharded checkpoint, read in one process."""
+        from ilm_megatron.train.sharded import SHARDED_DIR, load_training_shards
+
+        saved = shared.get("layout", {})
+        was = f"TP={saved.get('tp')}, PP={saved.get('pp')}, DP={saved.get('dp')}"
+        if saved.get("dp", 1) != 1 and not global_stream(self.cfg.data.task):
+            raise ValueError(
+                f"{latest} was written with DP={saved['dp']}: the {self.cfg.data.task} data "
+                "position is per data-parallel rank, so it cannot resume in one process"
+            )
+        named = list(self.model.named_parameters())
+        with process_group():
+            full, states = load_training_shards(
+                latest / SHARDED_DIR, self.model, None, named, [0], saved.get("dp", 1)
+            )
+        load_adamw_state_by_name(self.opt, named, full)
+        return {**states[0], "resumed_from": f" (written by {was})"}
 
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, solver: SolverConfig, stop: bool, hook: Callable

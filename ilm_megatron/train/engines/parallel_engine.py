@@ -14,13 +14,17 @@ from torch import nn
 
 from ilm_megatron.config import Config, SolverConfig
 from ilm_megatron.implicit.solver import SolverStats
+from ilm_megatron.models.init import stage_units
 from ilm_megatron.models.lm import ImplicitLM, build_model
+from ilm_megatron.parallel.checkpoint import load_full_state_dict, stage_state_names
 from ilm_megatron.train.checkpoint import (
+    CheckpointError,
     check_architecture,
-    init_from_checkpoint,
     load_state,
     save_state_dict,
+    weights_file,
 )
+from ilm_megatron.train.data import global_stream
 from ilm_megatron.train.engines.base import (
     EvalShare,
     StepOutput,
@@ -44,9 +48,10 @@ from ilm_megatron.train.optim import (
 class ParallelEngine(_DistributedBase):
     """Tensor x pipeline x data parallelism on Megatron-Core's process groups.
 
-    Every rank builds the single-process model from ``train.seed`` on the CPU (so a run starts
-    from the same weights whatever the layout) and keeps its tensor-parallel shard of the whole
-    model; with ``pp > 1`` it trains the parameters of its pipeline stage only. Checkpoints are
+    Every rank builds only its share: the units of its pipeline stage, its tensor-parallel shard
+    of each, initialised by unit name from ``train.seed`` directly on its device (so a run starts
+    from the single-process weights whatever the layout); the other stages' units stay on
+    ``meta``. Checkpoints are
     layout-free (``model.safetensors`` and ``optimizer.pt``: the whole model and its AdamW state,
     written by rank 0), plus each rank's data position; a run resumes at any layout.
 
@@ -61,7 +66,6 @@ class ParallelEngine(_DistributedBase):
         from megatron.core import parallel_state as ps
 
         from ilm_megatron.core.parallel_state import pp_global_ranks
-        from ilm_megatron.parallel.checkpoint import load_full_state_dict
 
         super().__init__(cfg)
         self.ps = ps
@@ -75,29 +79,43 @@ class ParallelEngine(_DistributedBase):
         )
         self.local_cfg = dataclasses.replace(cfg.model, backend="local")
         self.save_cfg = dataclasses.replace(cfg, model=self.local_cfg)  # files are layout-free
+        # only this rank's share is built: its stage's units, its TP shard of each, initialised
+        # by unit name (the same weights as one process from train.seed), on the device; the
+        # other stages' units stay on meta (ilm_megatron.models.init)
+        m = cfg.model
+        keep = (
+            stage_units(m.n_layers, m.implicit, m.tie_embeddings, self.pp_rank, self.pp)
+            if self.pp > 1
+            else None
+        )
         torch.manual_seed(cfg.train.seed)
-        full = build_model(self.local_cfg, cfg.solver)
-        init_from_checkpoint(full, dataclasses.replace(cfg, model=self.local_cfg))
-        self._n_params = sum(p.numel() for p in full.parameters())
-        self.model = build_model(cfg.model, cfg.solver)  # on the CPU: this rank's TP shard
-        load_full_state_dict(self.model, full.state_dict())
-        del full
+        self.model = build_model(cfg.model, cfg.solver, keep=keep, device=self.device)
+        self._n_params = sum(p.numel() for p in self.flops_model().parameters())
         self.model.train()
         self.stage = None
-        params: list[nn.Parameter] = list(self.model.parameters())
         if self.pp > 1:
             from ilm_megatron.parallel.pipeline import split_model_into_stages
 
             self.stage = split_model_into_stages(self.model, self.pp_rank, self.pp)
-            # only this stage's parameters go to the device (the other stages' copies stay on
-            # the CPU, untouched), so device memory holds W / (tp * pp) of the weights
-            self.stage.to(self.device)
-            params = list(self.stage.parameters())
+            params: list[nn.Parameter] = list(self.stage.parameters())
             self.pp_ranks = pp_global_ranks()
             # the ring's messages: Megatron's pipeline group on the main backend (NCCL or gloo)
             self.ring_group = ps.get_pipeline_model_parallel_group()
         else:
-            self.model.to(self.device)
+            params = list(self.model.parameters())
+        self.owned_names = (
+            stage_state_names(self.model, self.stage)
+            if self.stage is not None
+            else list(self.model.state_dict())
+        )
+        if cfg.train.init_checkpoint:  # fine-tuning start: only this stage's tensors are read
+            f = weights_file(cfg.train.init_checkpoint)
+            try:
+                check_architecture(f, self.local_cfg)
+                load_full_state_dict(self.model, load_state(f, self.owned_names), self.owned_names)
+            except (ValueError, KeyError, RuntimeError, OSError) as e:
+                msg = f"train.init_checkpoint={cfg.train.init_checkpoint}: {e}"
+                raise CheckpointError(msg) from None
         self.params = params
         owned = {id(p) for p in params}
         self.named = [(n, p) for n, p in self.model.named_parameters() if id(p) in owned]
@@ -359,55 +377,37 @@ class ParallelEngine(_DistributedBase):
     def _layout(self) -> dict[str, int]:
         return {"tp": self.tp, "pp": self.pp, "dp": self.dp_size, "world_size": self.world_size}
 
-    def _gather_named(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Whole-model tensors named like parameters, from this stage's local shards, on rank 0.
-
-        Collective: the TP shards are joined inside each stage, then the first data-parallel
-        replica's stages send theirs to rank 0 over the pipeline group.
-        """
-        from ilm_megatron.parallel.checkpoint import gather_tensors
-
-        if self.dp_rank != 0:
-            return None
-        mine = {k: v.cpu() for k, v in gather_tensors(self.model, tensors).items()}
-        if self.pp == 1:
-            return mine if self.is_rank0 else None
-        if self.tp_rank != 0:
-            return None
-        parts: list[Any] | None = [None] * self.pp if self.is_rank0 else None
-        group = self.ps.get_pipeline_model_parallel_group()
-        torch.distributed.gather_object(mine, parts, dst=self.pp_ranks[0], group=group)
-        if parts is None:
-            return None
-        out: dict[str, torch.Tensor] = {}
-        for part in parts:  # a tied embedding comes from two stages, identical
-            for k, v in part.items():
-                out.setdefault(k, v)
-        return out
-
     def save(self, ckpt_root: Path, state: dict) -> Path:
-        """``model.safetensors`` and ``optimizer.pt`` hold the whole model (layout-free, rank 0);
-        ``trainer-rankRRRRR.pt`` keeps each rank's data position (it differs per DP rank)."""
+        """Every rank writes its own shards (``sharded/``, Megatron ``dist_checkpointing``:
+        weights, AdamW state, its data position; replicated tensors spread over the
+        data-parallel ranks) and rank 0 adds ``trainer.pt`` (layout, counters). Nothing is
+        gathered; see :mod:`ilm_megatron.train.sharded`. Collective."""
+        from ilm_megatron.train.sharded import FORMAT, SHARDED_DIR, save_training_shards
+
         state = {**state, "layout": self._layout()}
-        sd = self.full_state_dict()
         if self.zero:  # collective over the data-parallel group
-            local = self.opt.state_by_name()
+            adamw = self.opt.state_by_name()
         else:
-            local = adamw_state_by_name(self.opt, self.named)
-        moments = {key: self._gather_named(local[key]) for key in ("exp_avg", "exp_avg_sq")}
-        steps: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(steps, local["step"])
+            adamw = adamw_state_by_name(self.opt, self.named)
+        own = {**state, "dp_rank": self.dp_rank}
 
         def write_all(tmp: Path) -> None:
-            own = {**state, "dp_rank": self.dp_rank}
-            torch.save(own, tmp / f"trainer-rank{self.rank:05d}.pt")
+            dp_group = self.ps.get_data_parallel_group() if self.dp_size > 1 else None
+            save_training_shards(
+                tmp / SHARDED_DIR,
+                self.model,
+                self.stage,
+                self.named,
+                adamw,
+                own,
+                self.dp_rank,
+                self.dp_size,
+                dp_group,
+            )
 
         def write_rank0(tmp: Path) -> None:
             if self.is_rank0:
-                save_state_dict(sd, self.save_cfg, tmp / "model.safetensors")
-                step = {k: v for part in steps for k, v in part.items()}
-                torch.save({**moments, "step": step}, tmp / OPTIMIZER_FILE)
-                torch.save({**state, "dp_rank": 0}, tmp / "trainer.pt")
+                torch.save({**state, "dp_rank": 0, "format": FORMAT}, tmp / "trainer.pt")
 
         step = state["counters"]["step"]
         return save_distributed_checkpoint(
@@ -417,11 +417,14 @@ class ParallelEngine(_DistributedBase):
     def setup(self, data: Any, latest: Path | None) -> dict | None:
         """Resume at this or any other TP/PP/DP layout, or from a single-process checkpoint.
 
-        The weights and AdamW moments are stored whole and re-sharded here. The data position:
-        at the same data-parallel size each rank takes the state saved by its DP rank (exact
-        resume); at another size only the word problem (one global batch stream) can continue.
+        A sharded checkpoint (``sharded/``) is read piece by piece: each rank loads only its
+        stage's TP shards of the weights and AdamW moments. An older or single-process one
+        (whole ``model.safetensors``) is re-sharded here, each rank reading its stage's tensors.
+        The data position: at the same data-parallel size each rank takes the state saved by its
+        DP rank (exact resume); at another size only the word problem and CatbAbI (one global
+        batch stream each rank slices) can continue.
         """
-        from ilm_megatron.parallel.checkpoint import load_full_state_dict
+        from ilm_megatron.train.sharded import SHARDED_DIR, is_sharded, load_training_shards
 
         if latest is None:
             self._build_zero()
@@ -430,27 +433,36 @@ class ParallelEngine(_DistributedBase):
         shared = torch.load(latest / "trainer.pt", weights_only=True)
         saved = shared.get("layout") or {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
         was = f"TP={saved['tp']}, PP={saved['pp']}, DP={saved['dp']}"
-        if saved["dp"] == self.dp_size:
-            state = _state_of_dp_rank(latest, self.dp_rank, shared)
-        elif self.cfg.data.task == "word_problem":
-            state = shared
-        else:
+        same_dp = saved["dp"] == self.dp_size
+        if not same_dp and not global_stream(self.cfg.data.task):
             raise ValueError(
                 f"{latest} was written by {was}, now {self.name}: the {self.cfg.data.task} data "
                 f"position is per data-parallel rank, so resume with DP={saved['dp']} "
-                "(tensor and pipeline sizes may change)"
+                "(tensor and pipeline sizes may change; docs/training.md says why)"
             )
-        check_architecture(latest / "model.safetensors", self.cfg.model)
-        load_full_state_dict(self.model, load_state(latest / "model.safetensors"))
-        if (latest / OPTIMIZER_FILE).is_file():
-            full = torch.load(latest / OPTIMIZER_FILE, weights_only=True, mmap=True)
-        else:  # a single-process checkpoint: AdamW state by parameter index
-            full = adamw_state_from_single_process(self.model, shared["optimizer"])
+        if is_sharded(latest):
+            ranks = [self.dp_rank if same_dp else 0]
+            full, states = load_training_shards(
+                latest / SHARDED_DIR, self.model, self.stage, self.named, ranks, saved["dp"]
+            )
+            state = states[0]
+            tp_rank, tp_size = 0, 1  # the moments were read as this rank's shards
+        else:
+            state = _state_of_dp_rank(latest, self.dp_rank, shared) if same_dp else shared
+            weights = latest / "model.safetensors"
+            check_architecture(weights, self.cfg.model)
+            names = self.owned_names  # only this stage's tensors are read
+            load_full_state_dict(self.model, load_state(weights, names), names)
+            if (latest / OPTIMIZER_FILE).is_file():
+                full = torch.load(latest / OPTIMIZER_FILE, weights_only=True, mmap=True)
+            else:  # a single-process checkpoint: AdamW state by parameter index
+                full = adamw_state_from_single_process(self.model, shared["optimizer"])
+            tp_rank, tp_size = self.tp_rank, self.tp
         self._build_zero()  # after the weights: its fp32 partitions are copies of them
         if self.zero:
-            self.opt.load_by_name(local_adamw_state(self.named, full, self.tp_rank, self.tp))
+            self.opt.load_by_name(local_adamw_state(self.named, full, tp_rank, tp_size))
         else:
-            load_adamw_state_by_name(self.opt, self.named, full, self.tp_rank, self.tp)
+            load_adamw_state_by_name(self.opt, self.named, full, tp_rank, tp_size)
         if saved != self._layout():
             state = {**state, "resumed_from": f" (written by {was})"}
         return state
