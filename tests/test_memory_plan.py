@@ -152,3 +152,22 @@ def test_gpu_path_activations_equal_a_triton_run() -> None:
     # and the Triton path saves less than the reference path's intermediates
     ref = plan_memory(_cfg("mamba2"), 1, 1, 1, microbatches=2, kernels="reference")
     assert res["plan"] < ref["stages"][0]["activations_per_microbatch"]["saved_for_backward"]
+
+
+@pytest.mark.slow
+def test_bench_scale_tool_at_toy_size() -> None:
+    """``tools/bench_scale.py`` on a tiny model: one process and PP=2 run, every rank writes its
+    own shard, and the PP=2 ranks hold less than one process and what plan_memory predicts."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_scale.py"), "--layouts", "one", "pp2",
+         "--json", "model.d_model=64", "model.n_layers=4", "model.headdim=16",
+         "model.vocab_size=256"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["layout"]: r for r in json.loads(out.stdout)["rows"]}
+    pp2 = rows["pp2"]
+    assert [r["rank"] for r in pp2["ranks"]] == [0, 1]
+    assert all(r["written_bytes"] > 0 for r in pp2["ranks"])
+    assert all(r["params_bytes"] == r["plan_params_bytes"] for r in pp2["ranks"])
+    assert pp2["state_ratio"] < 0.75 and pp2["save_s"] > 0 and pp2["load_s"] > 0

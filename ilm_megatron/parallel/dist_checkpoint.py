@@ -115,11 +115,14 @@ def packed_factory(
     if any(p % tp_size for p in parts) or sum(local) != t.shape[dim]:
         raise ValueError(f"{key}: shape {tuple(t.shape)} is not parts {list(parts)} / {tp_size}")
 
+    views: list[torch.Tensor] = []
+
     @torch.no_grad()
     def build(k: str, x: torch.Tensor, rid: ReplicaId, flattened_range: slice | None):
         if flattened_range is not None:
             raise NotImplementedError("flattened ShardedTensors are not supported")
-        pieces = torch.split(x, local, dim=dim)
+        pieces = torch.split(x, local, dim=dim)  # views of x: a load fills x in place
+        views[:] = [x, *pieces]
         return {
             f"part{i}": _tp_shard(part_key(k, i), piece, dim, (tp_rank, tp_size), offsets, rid)
             for i, piece in enumerate(pieces)
@@ -127,7 +130,10 @@ def packed_factory(
 
     @torch.no_grad()
     def merge(loaded: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([loaded[f"part{i}"] for i in range(len(parts))], dim=dim)
+        got = [loaded[f"part{i}"] for i in range(len(parts))]
+        if views and all(a.data_ptr() == b.data_ptr() for a, b in zip(got, views[1:])):
+            return views[0]  # read in place into the views: no copy
+        return torch.cat(got, dim=dim)
 
     return ShardedTensorFactory(key, t, build, merge, replica_id)
 

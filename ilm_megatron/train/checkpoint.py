@@ -23,6 +23,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -200,16 +201,37 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, cfg: Config) -> None:
+def file_entries(folder: Path, files: Collection[Path]) -> dict[str, dict[str, Any]]:
+    """``{path relative to folder: {"bytes", "sha256"}}`` of ``files`` (manifest entries; each
+    rank of a sharded save hashes the files it wrote)."""
+    out = {}
+    for f in files:
+        out[Path(f).relative_to(folder).as_posix()] = {
+            "bytes": Path(f).stat().st_size,
+            "sha256": _sha256(Path(f)),
+        }
+    return out
+
+
+def write_manifest(
+    folder: Path, cfg: Config, known: dict[str, dict[str, Any]] | None = None
+) -> None:
     """Write the run's ``config.yaml`` into a checkpoint folder, then ``manifest.json`` (last):
-    the size and SHA-256 of every file below ``folder``. Call it once all files are written."""
+    the size and SHA-256 of every file below ``folder``. Call it once all files are written.
+    ``known``: entries already computed (by the ranks that wrote those files); the size of each
+    is checked again here."""
     folder = Path(folder)
     (folder / "config.yaml").write_text(config_to_yaml(cfg))
+    known = known or {}
     files = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = f.relative_to(folder).as_posix()
-        if rel != MANIFEST:
-            files[rel] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        if rel == MANIFEST:
+            continue
+        entry = known.get(rel)
+        if entry is None or entry["bytes"] != f.stat().st_size:
+            entry = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        files[rel] = entry
     text = json.dumps({"format": "ilm-megatron-checkpoint/1", "files": files}, indent=1)
     _write_text_atomic(folder / MANIFEST, text + "\n")
 

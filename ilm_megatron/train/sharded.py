@@ -67,9 +67,12 @@ def _moments_and_steps(
     for name, p in named:
         for key in moments:
             t = None if by_name is None else by_name[key].get(name)
-            moments[key][name] = (
-                torch.zeros_like(p.detach()) if t is None else t.to(p.device, torch.float32)
-            )
+            if by_name is None:  # a buffer the load overwrites
+                moments[key][name] = torch.empty_like(p.detach())
+            elif t is None:  # no state yet: zero moments, step 0
+                moments[key][name] = torch.zeros_like(p.detach())
+            else:
+                moments[key][name] = t.to(p.device, torch.float32)
         step = 0.0 if by_name is None else float(by_name["step"].get(name, 0.0))
         steps[name] = torch.tensor([step], dtype=torch.float64)
     return moments, steps
@@ -85,8 +88,9 @@ def save_training_shards(
     dp_rank: int,
     dp_size: int,
     dp_group: Any = None,
-) -> None:
-    """Write this rank's pieces of a training step into ``directory`` (collective).
+) -> list[Path]:
+    """Write this rank's pieces of a training step into ``directory`` (collective); returns the
+    shard files this rank wrote.
 
     Args:
         directory: the ``sharded`` folder to create (inside the step's temporary folder).
@@ -110,6 +114,7 @@ def save_training_shards(
 
     fault_point("save_shards")  # tests: a rank dies before writing its shards
     save_sharded(sharded, directory, dp_group)
+    return sorted(Path(directory).glob(f"__{dist.get_rank()}_*.distcp"))
 
 
 def load_training_shards(

@@ -24,6 +24,7 @@ from ilm_megatron.train.checkpoint import (
     _write_text_atomic,
     already_saved,
     fault_point,
+    file_entries,
     prune,
     write_manifest,
 )
@@ -218,16 +219,18 @@ def save_distributed_checkpoint(
     ckpt_root: Path,
     step: int,
     keep_last: int,
-    write_all: Callable[[Path], None],
+    write_all: Callable[[Path], list[Path] | None],
     write_rank0: Callable[[Path], None],
 ) -> Path:
     """The atomic checkpoint scheme of one process, for many ranks.
 
-    Every rank writes its files into ``checkpoints/.step-N.tmp`` (``write_all(tmp)``), rank 0
-    adds the shared ones (``write_rank0(tmp)``). After a barrier rank 0 renames the folder to
-    ``step-N``, rewrites ``latest`` and prunes beyond ``keep_last``; a final barrier keeps the
-    ranks together. A job killed at any moment leaves ``latest`` on a complete checkpoint. A
-    step already saved and named by ``latest`` is not written again.
+    Every rank writes its files into ``checkpoints/.step-N.tmp`` (``write_all(tmp)``, which may
+    return the files it wrote: the rank then hashes them for the manifest, so the hashing is
+    spread over the ranks), rank 0 adds the shared ones (``write_rank0(tmp)``). After a barrier
+    rank 0 renames the folder to ``step-N``, rewrites ``latest`` and prunes beyond
+    ``keep_last``; a final barrier keeps the ranks together. A job killed at any moment leaves
+    ``latest`` on a complete checkpoint. A step already saved and named by ``latest`` is not
+    written again.
     """
     final = _step_dir(ckpt_root, step)
     done = already_saved(ckpt_root, final)
@@ -240,12 +243,19 @@ def save_distributed_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     engine.barrier()
-    write_all(tmp)
+    written = write_all(tmp)
     write_rank0(tmp)
+    known = None
+    if written is not None:  # each rank hashes the files it wrote, in parallel
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * engine.world_size
+        dist.all_gather_object(parts, file_entries(tmp, written))
+        known = {k: v for part in parts for k, v in part.items()}
     engine.barrier()
     if engine.is_rank0:
         fault_point("save_before_manifest")
-        write_manifest(tmp, engine.cfg)  # every rank's files are in: sizes and hashes, last
+        write_manifest(tmp, engine.cfg, known)  # every rank's files are in: sizes, hashes, last
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -391,9 +391,9 @@ class ParallelEngine(_DistributedBase):
             adamw = adamw_state_by_name(self.opt, self.named)
         own = {**state, "dp_rank": self.dp_rank}
 
-        def write_all(tmp: Path) -> None:
+        def write_all(tmp: Path) -> list[Path]:
             dp_group = self.ps.get_data_parallel_group() if self.dp_size > 1 else None
-            save_training_shards(
+            return save_training_shards(
                 tmp / SHARDED_DIR,
                 self.model,
                 self.stage,
