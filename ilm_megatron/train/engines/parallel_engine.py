@@ -302,10 +302,14 @@ class ParallelEngine(_DistributedBase):
         """The single-process state dict on rank 0 (None elsewhere). Collective.
 
         Within a stage the TP shards are gathered, then the stages' parts are collected over the
-        pipeline group (:func:`~ilm_megatron.parallel.checkpoint.pipeline_full_state_dict`).
+        pipeline group (:func:`~ilm_megatron.parallel.checkpoint.pipeline_full_state_dict`),
+        by the first data-parallel replica only (its groups; the other replicas hold the same
+        weights and assemble nothing).
         """
         from ilm_megatron.parallel.checkpoint import pipeline_full_state_dict
 
+        if self.dp_rank != 0:
+            return None
         sd = pipeline_full_state_dict(self.model, self.stage)
         return sd if self.is_rank0 else None
 
