@@ -84,6 +84,7 @@ def load_adamw_state_by_name(
     full: dict[str, dict],
     tp_rank: int = 0,
     tp_size: int = 1,
+    copy: bool = True,
 ) -> None:
     """Set AdamW's state of ``named`` from a whole-model, by-name state (any layout it came from).
 
@@ -91,7 +92,7 @@ def load_adamw_state_by_name(
     replicated one the whole tensor. Raises ValueError naming a parameter whose moment has another
     shape than the whole parameter.
     """
-    for p, st in local_adamw_state(named, full, tp_rank, tp_size).values():
+    for p, st in local_adamw_state(named, full, tp_rank, tp_size, copy).values():
         opt.state[p] = st
 
 
@@ -100,8 +101,13 @@ def local_adamw_state(
     full: dict[str, dict],
     tp_rank: int = 0,
     tp_size: int = 1,
+    copy: bool = True,
 ) -> dict[str, tuple[nn.Parameter, dict[str, torch.Tensor]]]:
-    """``{name: (parameter, AdamW state)}`` of ``named`` cut from a whole-model by-name state."""
+    """``{name: (parameter, AdamW state)}`` of ``named`` cut from a whole-model by-name state.
+
+    ``copy=False``: the moments are used as they are where device and dtype already match (the
+    caller's fresh buffers, e.g. read from shards); otherwise each is copied (a memory-mapped or
+    shared file must not become the optimizer's state)."""
     from ilm_megatron.core.tensor_parallel import get_tp_layout, shard_tensor
 
     out = {}
@@ -119,7 +125,8 @@ def local_adamw_state(
                     f"optimizer state {key} of {name} has shape {tuple(t.shape)}, "
                     f"parameter has {tuple(p.shape)}"
                 )
-            st[key] = t.to(device=p.device, dtype=p.dtype).clone()
+            moved = t.to(device=p.device, dtype=p.dtype)
+            st[key] = moved.clone() if copy else moved
         st["step"] = torch.tensor(full["step"][name], dtype=torch.float32)
         out[name] = (p, st)
     return out

@@ -94,7 +94,7 @@ class LocalEngine(Engine):
             full, states = load_training_shards(
                 latest / SHARDED_DIR, self.model, None, named, [0], saved.get("dp", 1)
             )
-        load_adamw_state_by_name(self.opt, named, full)
+        load_adamw_state_by_name(self.opt, named, full, copy=False)  # fresh buffers
         return {**states[0], "resumed_from": f" (written by {was})"}
 
     def train_step(

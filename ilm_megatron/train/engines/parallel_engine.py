@@ -451,6 +451,7 @@ class ParallelEngine(_DistributedBase):
             )
             state = states[0]
             tp_rank, tp_size = 0, 1  # the moments were read as this rank's shards
+            fresh = True  # into buffers of their own: no copy
         else:
             state = _state_of_dp_rank(latest, self.dp_rank, shared) if same_dp else shared
             weights = latest / "model.safetensors"
@@ -462,11 +463,12 @@ class ParallelEngine(_DistributedBase):
             else:  # a single-process checkpoint: AdamW state by parameter index
                 full = adamw_state_from_single_process(self.model, shared["optimizer"])
             tp_rank, tp_size = self.tp_rank, self.tp
+            fresh = False
         self._build_zero()  # after the weights: its fp32 partitions are copies of them
         if self.zero:
             self.opt.load_by_name(local_adamw_state(self.named, full, tp_rank, tp_size))
         else:
-            load_adamw_state_by_name(self.opt, self.named, full, tp_rank, tp_size)
+            load_adamw_state_by_name(self.opt, self.named, full, tp_rank, tp_size, not fresh)
         if saved != self._layout():
             state = {**state, "resumed_from": f" (written by {was})"}
         return state
