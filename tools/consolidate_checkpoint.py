@@ -67,9 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else folder / "model.safetensors"
     save_state_dict(weights, cfg, out)
     if args.optimizer:
-        from ilm_megatron.parallel.checkpoint import _atomic_save
+        from ilm_megatron.parallel.checkpoint import atomic_save
 
-        _atomic_save(adamw, args.optimizer)
+        atomic_save(adamw, args.optimizer)
     report = {
         "checkpoint": str(folder),
         "out": str(out),

@@ -86,6 +86,7 @@ def resolve_source(path: str | Path) -> Source:
         stored_config_text,
         verify_checkpoint,
     )
+    from ilm_megatron.train.sharded import is_sharded
 
     p = Path(path)
     notes: list[str] = []
@@ -111,7 +112,7 @@ def resolve_source(path: str | Path) -> Source:
         if problem is not None:
             raise ConversionError(f"checkpoint {folder} is damaged: {problem}")
         weights = folder / WEIGHTS
-        if not weights.is_file() and (folder / "sharded").is_dir():
+        if not weights.is_file() and is_sharded(folder):
             weights = _consolidated(folder)
             notes.append(f"read the sharded checkpoint {folder} (consolidated for the export)")
         if not weights.is_file():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -134,9 +134,3 @@ def to_empty(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Mo
     for n, p in module.named_parameters():
         p.__dict__.update(marks[n])
     return module
-
-
-def is_meta(module: torch.nn.Module) -> bool:
-    """True when any parameter or buffer of ``module`` is on ``meta``."""
-    tensors: Collection[torch.Tensor] = [*module.parameters(), *module.buffers()]
-    return any(t.is_meta for t in tensors)

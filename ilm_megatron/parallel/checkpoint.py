@@ -174,7 +174,8 @@ def pipeline_full_state_dict(
     return {k: full[k] for k in model.state_dict()}
 
 
-def _atomic_save(obj: object, path: str | Path) -> None:
+def atomic_save(obj: object, path: str | Path) -> None:
+    """``torch.save(obj)`` to ``path`` through a temporary file and a rename (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -191,7 +192,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, stage: nn.Module | None 
     """
     sd = pipeline_full_state_dict(model, stage)
     if sd is not None:
-        _atomic_save(sd, path)
+        atomic_save(sd, path)
     if not dist.is_initialized():
         return
     if stage is not None and pp_world_size() > 1 and tp_is_initialized():

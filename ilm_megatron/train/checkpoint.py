@@ -136,7 +136,7 @@ def weights_file(path: str | Path) -> Path:
     """
     p = Path(path)
     f = p / "model.safetensors" if p.is_dir() else p
-    if not f.is_file() and p.is_dir() and (p / "sharded").is_dir():
+    if not f.is_file() and is_sharded(p):
         raise CheckpointError(
             f"{p} holds a sharded checkpoint (written by several ranks): make the whole model "
             f"first with python tools/consolidate_checkpoint.py {p}"
@@ -172,6 +172,14 @@ def load_state(path: Path, names: Collection[str] | None = None) -> dict[str, to
 
 
 MANIFEST = "manifest.json"
+SHARDED_DIR = "sharded"  # a multi-process step's shards (ilm_megatron.train.sharded)
+
+
+def is_sharded(folder: Path) -> bool:
+    """True for a step folder whose weights are shards (``sharded/``) written by several ranks."""
+    return (Path(folder) / SHARDED_DIR).is_dir()
+
+
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -254,7 +262,7 @@ def verify_checkpoint(folder: Path, legacy: bool = False) -> str | None:
     except (ValueError, KeyError, UnicodeDecodeError) as e:
         return f"{man} is unreadable ({type(e).__name__})"
     if not isinstance(files, dict) or not (
-        "model.safetensors" in files or "sharded/.metadata" in files
+        "model.safetensors" in files or f"{SHARDED_DIR}/.metadata" in files
     ):
         return f"{man} lists no model.safetensors (nor sharded/.metadata)"
     for rel, want in files.items():

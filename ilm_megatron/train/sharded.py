@@ -31,13 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-SHARDED_DIR = "sharded"
+from ilm_megatron.train.checkpoint import SHARDED_DIR, CheckpointError, fault_point, is_sharded
+
 FORMAT = "ilm-megatron-sharded/1"
-
-
-def is_sharded(folder: Path) -> bool:
-    """True for a step folder written by :func:`save_training_shards`."""
-    return (Path(folder) / SHARDED_DIR).is_dir()
 
 
 @contextlib.contextmanager
@@ -110,8 +106,6 @@ def save_training_shards(
     sharded = training_sharded_state_dict(
         model, stage, weights, moments, steps, [(dp_rank, trainer_state)], dp_size, meta
     )
-    from ilm_megatron.train.checkpoint import fault_point
-
     fault_point("save_shards")  # tests: a rank dies before writing its shards
     save_sharded(sharded, directory, dp_group)
     return sorted(Path(directory).glob(f"__{dist.get_rank()}_*.distcp"))
@@ -180,7 +174,6 @@ def consolidate(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict],
     from ilm_megatron.config import load_config
     from ilm_megatron.models.init import to_empty
     from ilm_megatron.models.lm import build_model
-    from ilm_megatron.train.checkpoint import CheckpointError
 
     folder = Path(folder)
     if not is_sharded(folder):
