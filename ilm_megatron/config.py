@@ -195,6 +195,23 @@ class SolverConfig:
     eval_tol: float = 0.0  # 0: same as f_tol
     eval_damping: float = 0.8  # damping of the "reference" eval loop
     seq_warm_start: bool = False  # sequential mode: start token t from token t-1's fixed point
+    # The iteration of the no-grad solves (training and eval "train" rule; docs/solver.md):
+    # "picard" (z <- F(z), the reference) or "anderson" (Anderson acceleration over the last
+    # anderson_m pairs, regularised least squares, history restarted when the residual exceeds
+    # anderson_restart times the sample's best).
+    method: str = "picard"
+    anderson_m: int = 5
+    anderson_beta: float = 1.0
+    anderson_lam: float = 1e-4
+    anderson_restart: float = 2.0
+    # divergence: a residual above divergence_factor x the sample's best (or not finite) sends
+    # the sample back to its best iterate, then damped steps (fallback_damping); 0: off
+    divergence_factor: float = 0.0
+    fallback_damping: float = 0.5
+    max_restarts: int = 2  # Anderson restarts of a sample before it falls back to damped steps
+    # per-sample early exit: a sample stops at its first evaluation below the tolerance and
+    # leaves the iterated batch (the pipeline ring masks it instead)
+    early_exit: bool = False
 
     def __post_init__(self) -> None:
         s = "solver"
@@ -224,6 +241,24 @@ class SolverConfig:
         _check(self.eval_max_iter_mult > 0, s, "eval_max_iter_mult", "must be > 0")
         _check(self.eval_tol >= 0, s, "eval_tol", f"must be >= 0, got {self.eval_tol}")
         _check(0 < self.eval_damping <= 1, s, "eval_damping", "must be in (0, 1]")
+        _check(
+            self.method in ("picard", "anderson"),
+            s,
+            "method",
+            f"must be 'picard' or 'anderson', got {self.method!r}",
+        )
+        _check(self.anderson_m >= 1, s, "anderson_m", f"must be >= 1, got {self.anderson_m}")
+        _check(0 < self.anderson_beta <= 1, s, "anderson_beta", "must be in (0, 1]")
+        _check(self.anderson_lam >= 0, s, "anderson_lam", "must be >= 0")
+        _check(self.anderson_restart > 1, s, "anderson_restart", "must be > 1")
+        _check(
+            self.divergence_factor == 0 or self.divergence_factor > 1,
+            s,
+            "divergence_factor",
+            f"must be 0 (off) or > 1, got {self.divergence_factor}",
+        )
+        _check(0 < self.fallback_damping <= 1, s, "fallback_damping", "must be in (0, 1]")
+        _check(self.max_restarts >= 0, s, "max_restarts", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -392,9 +427,22 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
     tokenizer_fingerprint: str = ""  # if set, must equal the manifest's tokenizer fingerprint
     catbabi_mode: str = "qa"  # catbabi: "qa" (answers only are targets) | "lm" (every token)
+    # catbabi: carry each row's recurrent state (the model's caches) from one window to the next,
+    # in training and validation; reset at a new epoch's stream (docs/training.md)
+    carry_state: bool = False
+    # carry_state with Llama: keep at most this many previous key/value positions (0: seq_len)
+    carry_kv_window: int = 0
 
     def __post_init__(self) -> None:
         s = "data"
+        _check(
+            not self.carry_state or self.task == "catbabi",
+            s,
+            "carry_state",
+            f"needs continuous rows (data.task=catbabi); data.task={self.task} rows are "
+            "independent samples (shards are shuffled), so there is no state to carry",
+        )
+        _check(self.carry_kv_window >= 0, s, "carry_kv_window", "must be >= 0")
         _check(
             self.task in ("word_problem", "shards", "catbabi"),
             s,
@@ -525,6 +573,13 @@ def _validate_cross(cfg: Config) -> Config:
         # sequences per global batch
         cfg = replace(cfg, train=replace(cfg.train, batch_size=tokens // cfg.data.seq_len))
     check_layout(cfg, _launch_world_size())
+    _check(
+        not cfg.data.carry_state or cfg.parallel.pp == 1,
+        "data",
+        "carry_state",
+        f"is not supported with pipeline parallelism (parallel.pp={cfg.parallel.pp}): the ring "
+        "schedule solves each window from an empty state",
+    )
     if cfg.data.task == "word_problem":
         from ilm_megatron.data.word_problem import group_order
 

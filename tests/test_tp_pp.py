@@ -106,6 +106,26 @@ def test_tp2_pp2_sequence_parallel_matches_single_process(
     assert r["sequence_parallel"] is True and r["iterate_positions_per_rank"] == 6
 
 
+_FAST_SOLVER = ("solver.method=anderson", "solver.early_exit=true", "solver.f_tol=1e-3")
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+@pytest.mark.slow
+def test_anderson_and_early_exit_under_sequence_parallelism(tmp_path: Path, pp: int) -> None:
+    """Anderson's least squares and the early-exit decisions under TP=2 with sequence
+    parallelism: each rank holds half of every sample's positions, so the Gram matrix and the
+    residuals are summed over TP (without the sums the ranks' mixing weights differ from one
+    process). PP=1 runs the shrinking batch (stopped samples leave it), PP=2 the ring's masking;
+    both match one process, iteration counts included."""
+    cfg = tiny_config(
+        "mamba2",
+        overrides=("model.ngroups=2", "parallel.tp=2", "parallel.sequence_parallel=true")
+        + _FAST_SOLVER,
+    )
+    r = _run(tmp_path, cfg, 2, pp)
+    _assert_close(r, 2, pp)
+
+
 def _local_model(cfg: Any) -> torch.nn.Module:
     import dataclasses
 

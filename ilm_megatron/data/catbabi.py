@@ -312,8 +312,16 @@ class CatbabiData:
         self.window += 1
         return self._targets(batch)
 
+    @property
+    def starts_stream(self) -> bool:
+        """Whether the window :meth:`next_batch` returned last is the first of its epoch's
+        stream: every row then holds other stories, so state carried across windows
+        (``data.carry_state``) starts empty."""
+        return self.window == 1
+
     def val_batches(self, batch_size: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``n`` windows of the valid split (file order), with this mode's targets."""
+        """The first ``n`` windows of the valid split (file order), with this mode's targets;
+        consecutive windows of the same rows (state can be carried across them)."""
         stream = load_stream(self.cfg.data.path, "valid", batch_size, self.cfg.data.seq_len)
         out = []
         for i, batch in enumerate(iter_batches(stream)):

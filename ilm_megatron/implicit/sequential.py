@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from ilm_megatron.implicit.solver import SolverStats, solve
+from ilm_megatron.implicit.solver import PICARD, SolveOptions, SolverStats, solve
 
 StepFn = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
 
 
 @torch.no_grad()
 def solve_token(
-    step: StepFn, z0: torch.Tensor, max_iter: int, tol: float
+    step: StepFn, z0: torch.Tensor, max_iter: int, tol: float, opts: SolveOptions = PICARD
 ) -> tuple[torch.Tensor, Any, SolverStats]:
     """Solve ``z = F_t(z)`` for one token, then make the final (cache-writing) call.
 
@@ -30,11 +30,12 @@ def solve_token(
         z0: (b, d) initial iterate (zeros, or the previous token's solution when warm-starting).
         max_iter: cap on inner evaluations (the final call is not counted).
         tol: per-sample relative residual tolerance (batch maximum decides).
+        opts: the iteration (Anderson, safeguards, early exit by masking).
 
     Returns:
         ``(F_t(z*) (b, d), cache update from the final call, stats)``.
     """
-    z_star, stats = solve(lambda z: step(z)[0], z0, max_iter, tol)
+    z_star, stats = solve(lambda z: step(z)[0], z0, max_iter, tol, opts=opts)
     out, update = step(z_star)
     stats.solver = "sequential"
     return out, update, stats

@@ -1,13 +1,20 @@
-"""Per-layer inference caches for sequential (RNN) mode.
+"""Per-layer recurrent caches: sequential (RNN) mode and state carried across windows.
 
 A layer's ``step`` reads its cache without modifying it and returns an *update*; the sequential
 solver calls the layer many times per token (the inner fixed-point loop) and commits the update of
-the final call only, so a cache is written exactly once per token.
+the final call only, so a cache is written exactly once per token. The simultaneous forward reads
+a cache the same way (the state before its window, for every evaluation of ``F``) and its final
+call returns a new one (the state after the window).
+
+Caches become plain dicts of tensors (:func:`caches_to_state` / :func:`caches_from_state`) so a
+training checkpoint loads them with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,17 +35,59 @@ class Mamba2Cache:
         self.conv = update.conv
         self.ssm = update.ssm
 
+    def rows(self, idx: torch.Tensor | slice) -> Mamba2Cache:
+        """The cache of the samples ``idx`` (per-sample early exit, micro-batches)."""
+        return Mamba2Cache(self.conv[idx], self.ssm[idx])
+
+    def detach(self) -> Mamba2Cache:
+        return Mamba2Cache(self.conv.detach(), self.ssm.detach())
+
+    def to_state(self) -> dict[str, Any]:
+        return {"kind": "mamba2", "conv": self.conv, "ssm": self.ssm}
+
 
 class KVCache:
     """Attention key/value cache with amortised growth.
 
     Keys/values are stored as (b, heads, capacity, head_dim); ``length`` positions are valid.
+    ``start`` is the absolute position of the first stored key (non-zero once
+    :meth:`keep_last` dropped older positions): the next token is at ``start + length``, the
+    position RoPE rotates it to, so the kept keys keep their offsets to it.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int | None = None) -> None:
+    def __init__(
+        self, k: torch.Tensor, v: torch.Tensor, length: int | None = None, start: int = 0
+    ) -> None:
         self.k = k
         self.v = v
         self.length = k.shape[2] if length is None else length
+        self.start = start
+
+    @property
+    def next_position(self) -> int:
+        """Absolute position of the token after the cached ones."""
+        return self.start + self.length
+
+    def rows(self, idx: torch.Tensor | slice) -> KVCache:
+        """The cache of the samples ``idx`` (valid positions only)."""
+        k, v = self.view()
+        return KVCache(k[idx], v[idx], self.length, self.start)
+
+    def detach(self) -> KVCache:
+        k, v = self.view()
+        return KVCache(k.detach(), v.detach(), self.length, self.start)
+
+    def keep_last(self, n: int) -> KVCache:
+        """At most the last ``n`` positions (a bounded attention prefix); ``start`` moves on."""
+        if self.length <= n:
+            return self
+        k, v = self.view()
+        drop = self.length - n
+        return KVCache(k[:, :, drop:].clone(), v[:, :, drop:].clone(), n, self.start + drop)
+
+    def to_state(self) -> dict[str, Any]:
+        k, v = self.view()
+        return {"kind": "kv", "k": k, "v": v, "start": self.start}
 
     @classmethod
     def empty(
@@ -80,3 +129,24 @@ class KVCache:
         self.k[:, :, self.length : self.length + 1] = k_t
         self.v[:, :, self.length : self.length + 1] = v_t
         self.length += 1
+
+
+Cache = Mamba2Cache | KVCache
+
+
+def caches_to_state(caches: Sequence[Cache]) -> list[dict[str, Any]]:
+    """Per-layer caches as plain dicts of tensors (for a checkpoint)."""
+    return [c.to_state() for c in caches]
+
+
+def caches_from_state(state: Sequence[dict[str, Any]]) -> list[Cache]:
+    """Inverse of :func:`caches_to_state`."""
+    out: list[Cache] = []
+    for s in state:
+        if s["kind"] == "mamba2":
+            out.append(Mamba2Cache(s["conv"], s["ssm"]))
+        elif s["kind"] == "kv":
+            out.append(KVCache(s["k"], s["v"], s["k"].shape[2], int(s["start"])))
+        else:
+            raise ValueError(f"unknown cache kind {s['kind']!r}")
+    return out

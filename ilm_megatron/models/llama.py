@@ -50,6 +50,20 @@ def causal_attention(
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def prefix_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int
+) -> torch.Tensor:
+    """Causal attention after a cached prefix: q (b, a, l, e), k/v (b, a, prefix + l, e) ->
+    (b, a, l, e); query ``i`` sees the ``prefix`` keys and window keys ``<= i``.
+
+    PyTorch's ``is_causal`` aligns the mask top-left when ``l != prefix + l``, so the mask is
+    explicit (no flash-attn path: the prefix case is state carried across windows).
+    """
+    l, s = q.shape[2], k.shape[2]
+    mask = torch.ones(l, s, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 @dataclass
 class SelfAttentionSubmodules:
     qkv_proj: ModuleSpec | type
@@ -94,14 +108,19 @@ class SelfAttention(nn.Module):
         return (self.d_model, self.d_model, self.d_model)
 
     def _qkv(
-        self, h: torch.Tensor, u: torch.Tensor | None, positions: torch.Tensor | None
+        self,
+        h: torch.Tensor,
+        u: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        offset: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h: (b, l, d), u: (b, l, 3d / tp) -> q, k, v each (b, a/tp, l, e), RoPE on q and k at
-        ``positions`` (default ``0..l-1``; sequence parallel: h holds l / tp positions, q all l)."""
+        ``positions`` (default ``offset..offset+l-1``; sequence parallel: h holds l / tp
+        positions, q all l)."""
         qkv = self.qkv_proj(h)
         b, l, _ = qkv.shape
         if positions is None:
-            positions = torch.arange(l, device=qkv.device)
+            positions = offset + torch.arange(l, device=qkv.device)
         if u is not None:
             qkv = qkv + u
         q, k, v = (
@@ -111,19 +130,34 @@ class SelfAttention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(
-        self, h: torch.Tensor, u: torch.Tensor | None = None, return_cache: bool = False
+        self,
+        h: torch.Tensor,
+        u: torch.Tensor | None = None,
+        return_cache: bool = False,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
-        """h: (b, l, d), u: (b, l, 3d) or None -> (out (b, l, d), KV cache of all positions)."""
-        q, k, v = self._qkv(h, u, None)
+        """h: (b, l, d), u: (b, l, 3d) or None -> (out (b, l, d), KV cache of all positions).
+
+        ``cache``: keys/values of the positions before this window (read only), an attention
+        prefix: the window's positions continue at ``cache.next_position`` and every query also
+        sees the whole prefix. The returned cache holds prefix and window.
+        """
+        q, k, v = self._qkv(h, u, None, 0 if cache is None else cache.next_position)
         b, l = q.shape[0], q.shape[2]
-        o = causal_attention(q, k, v, self.kernel_backend)
+        if cache is not None and cache.length:
+            pk, pv = cache.view()
+            k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+            o = prefix_causal_attention(q, k, v, cache.length)
+        else:
+            o = causal_attention(q, k, v, self.kernel_backend)
         out = self.out_proj(o.transpose(1, 2).reshape(b, l, self.d_local))
-        return out, (KVCache(k, v) if return_cache else None)
+        start = 0 if cache is None else cache.start
+        return out, (KVCache(k, v, start=start) if return_cache else None)
 
     def step(
         self, h: torch.Tensor, u: torch.Tensor | None, cache: KVCache
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """One token at position ``cache.length``; reads ``cache`` without modifying it.
+        """One token at position ``cache.next_position``; reads ``cache`` without modifying it.
 
         Args:
             h: (b, d); u: (b, 3d) or None.
@@ -132,7 +166,7 @@ class SelfAttention(nn.Module):
             ``(out (b, d), (k_t, v_t))`` with k_t, v_t (b, a, 1, e) to commit.
         """
         b = h.shape[0]
-        pos = torch.tensor([cache.length], device=h.device)
+        pos = torch.tensor([cache.next_position], device=h.device)
         q, k_t, v_t = self._qkv(h[:, None], None if u is None else u[:, None], pos)
         k, v = cache.with_candidate(k_t, v_t)  # positions < length stay as committed
         o = F.scaled_dot_product_attention(q, k, v)  # the single query sees every key

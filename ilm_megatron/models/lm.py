@@ -39,7 +39,13 @@ from ilm_megatron.core.tensor_parallel import (
 )
 from ilm_megatron.implicit.phantom import phantom_steps, phantom_steps_recompute
 from ilm_megatron.implicit.sequential import solve_token
-from ilm_megatron.implicit.solver import Reduce, SolverStats, solve, solve_damped_reference
+from ilm_megatron.implicit.solver import (
+    Reduce,
+    SolverStats,
+    solve,
+    solve_damped_reference,
+    solve_options,
+)
 from ilm_megatron.models.init import unit
 from ilm_megatron.models.layers import Linear, RMSNorm
 from ilm_megatron.models.specs import get_stack_spec
@@ -48,7 +54,8 @@ from ilm_megatron.models.stack import upcast
 
 @dataclass
 class LMOutput:
-    """logits: (b, l, padded_vocab); stats of the solve; caches when asked for (prefill)."""
+    """logits: (b, l, padded_vocab); stats of the solve; caches when asked for (prefill,
+    ``forward(return_caches=True)``)."""
 
     logits: torch.Tensor
     stats: SolverStats
@@ -131,9 +138,19 @@ class ImplicitLM(nn.Module):
         rank's columns (..., padded_vocab / tp)."""
         return lm_logits(z, self.embedding, self.lm_head, gather=gather)
 
-    def stack_fn(self, u: torch.Tensor | None):
-        """``F(., u)`` as a one-argument callable for the solvers."""
-        return lambda z: self.stack(z, u)[0]
+    def stack_fn(self, u: torch.Tensor | None, caches: list[Any] | None = None):
+        """``F(., u)`` as a one-argument callable for the solvers; every call reads ``caches``
+        (the per-layer state before the window, see :meth:`forward`) without changing them."""
+        return lambda z: self.stack(z, u, caches=caches)[0]
+
+    def stack_fn_rows(self, u: torch.Tensor | None, caches: list[Any] | None = None):
+        """``F`` of some samples: ``(z[idx], idx) -> F(z)[idx]`` (per-sample early exit)."""
+
+        def f_rows(z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            rows = None if caches is None else [c.rows(idx) for c in caches]
+            return self.stack(z, None if u is None else u[idx], caches=rows)[0]
+
+        return f_rows
 
     def sharded_state_dict(
         self,
@@ -167,6 +184,8 @@ class ImplicitLM(nn.Module):
         max_iter: int | None = None,
         solver: SolverConfig | None = None,
         gather_logits: bool = True,
+        caches: list[Any] | None = None,
+        return_caches: bool = False,
     ) -> LMOutput:
         """Simultaneous mode over the whole sequence.
 
@@ -177,14 +196,23 @@ class ImplicitLM(nn.Module):
                 default ``self.solver_config``. Evaluation always uses ``self.solver_config``.
             gather_logits: False under TP returns this rank's logits columns
                 (b, l, padded_vocab / tp), for a vocab-parallel loss.
+            caches: per-layer state before ``ids`` (the caches a previous window returned, or
+                :meth:`prefill`'s; TP-local shards under TP), or None (an empty state). Every
+                evaluation of ``F``, in the solve and in the phantom steps, reads them as
+                constants: no gradient flows into them (truncated backprop across windows).
+            return_caches: also return the per-layer state after the window (detached), from
+                one more call of ``F`` at the solution, as :meth:`prefill` does.
 
         Returns:
-            :class:`LMOutput` with logits (b, l, padded_vocab) and solver statistics. In training
-            mode the logits come from the phantom steps and carry gradients.
+            :class:`LMOutput` with logits (b, l, padded_vocab) and solver statistics (and
+            ``caches`` when asked for). In training mode the logits come from the phantom steps
+            and carry gradients.
         """
+        if caches is not None:  # truncated backprop: the state before the window is a constant
+            caches = [c.detach() for c in caches]
         sp = self.sequence_parallel and ids.shape[1] % model_tp_size(self.config) == 0
         with sequence_parallel_region(sp):
-            return self._forward(ids, max_iter, solver, gather_logits, sp)
+            return self._forward(ids, max_iter, solver, gather_logits, sp, caches, return_caches)
 
     def _forward(
         self,
@@ -193,21 +221,25 @@ class ImplicitLM(nn.Module):
         solver: SolverConfig | None,
         gather_logits: bool,
         sp: bool,
+        caches: list[Any] | None = None,
+        return_caches: bool = False,
     ) -> LMOutput:
         """:meth:`forward`; under sequence parallelism (``sp``) ``e``, ``z`` and the solver's
         residual are this rank's (b, l / tp, d) positions, the residual summed over TP."""
         e, u = self.embed(ids)
-        if not self.implicit:
-            z, _ = self.stack(e)
-            return LMOutput(self.head(z, gather_logits), _explicit_stats(ids), hidden=z)
+        if not self.implicit:  # one pass: its caches are the state after the window
+            z, after = self.stack(e, caches=caches, return_cache=return_caches)
+            after = None if after is None else [c.detach() for c in after]
+            return LMOutput(self.head(z, gather_logits), _explicit_stats(ids), after, z)
         s = self.solver_config if solver is None else solver
-        f = self.stack_fn(u)
+        f = self.stack_fn(u, caches)
+        f_rows = self.stack_fn_rows(u, caches)
         z0 = self.initial_iterate(e)
         reduce = tp_sum if sp else None
         if self.training and torch.is_grad_enabled():
             cap = s.f_max_iter if max_iter is None else max_iter
             with self.cached_weights():  # weight norm: each weight once for the whole solve
-                z_star, stats = solve(f, z0, cap, s.f_tol, reduce)
+                z_star, stats = solve(f, z0, cap, s.f_tol, reduce, solve_options(s), f_rows)
             if s.phantom_impl == "recompute":
                 inputs = [u, *(p for p in self.stack.parameters() if p.requires_grad)]
                 z = phantom_steps_recompute(f, z_star, s.phantom_steps, s.phantom_damping, inputs)
@@ -216,8 +248,20 @@ class ImplicitLM(nn.Module):
                     z = phantom_steps(f, z_star, s.phantom_steps, s.phantom_damping)
         else:
             with self.cached_weights():
-                z, stats = self.solve_eval(f, z0, max_iter, reduce)
-        return LMOutput(self.head(z, gather_logits), stats, hidden=z)
+                z, stats = self.solve_eval(f, z0, max_iter, reduce, f_rows)
+            z_star = z
+        after = self._caches_after(z_star, u, caches) if return_caches else None
+        return LMOutput(self.head(z, gather_logits), stats, after, z)
+
+    @torch.no_grad()
+    def _caches_after(
+        self, z_star: torch.Tensor, u: torch.Tensor | None, caches: list[Any] | None
+    ) -> list[Any]:
+        """The per-layer state after a window: one call of ``F`` at ``z_star`` (b, l, d) from
+        ``caches`` (the state before it), detached: the next window reads it as a constant."""
+        with self.cached_weights():
+            _, after = self.stack(z_star.detach(), u, return_cache=True, caches=caches)
+        return [c.detach() for c in after]
 
     @property
     def sequence_parallel(self) -> bool:
@@ -241,15 +285,21 @@ class ImplicitLM(nn.Module):
         return contextlib.nullcontext()
 
     def solve_eval(
-        self, f, z0: torch.Tensor, max_iter: int | None = None, reduce: Reduce | None = None
+        self,
+        f,
+        z0: torch.Tensor,
+        max_iter: int | None = None,
+        reduce: Reduce | None = None,
+        f_rows=None,
     ) -> tuple[torch.Tensor, SolverStats]:
-        """The evaluation solve chosen by ``solver.eval_solver`` (``reduce``: see
-        :func:`~ilm_megatron.implicit.solver.solve`)."""
+        """The evaluation solve chosen by ``solver.eval_solver`` (``reduce``, ``f_rows``: see
+        :func:`~ilm_megatron.implicit.solver.solve`); the "train" rule iterates as
+        ``solver.method`` / ``solver.early_exit`` say."""
         s = self.solver_config
         cap = self.eval_max_iter() if max_iter is None else max_iter
         if s.eval_solver == "reference":
             return solve_damped_reference(f, z0, cap, self.eval_tol(), s.eval_damping, reduce)
-        return solve(f, z0, cap, self.eval_tol(), reduce)
+        return solve(f, z0, cap, self.eval_tol(), reduce, solve_options(s), f_rows)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, max_iter: int | None = None) -> LMOutput:
@@ -260,7 +310,12 @@ class ImplicitLM(nn.Module):
         e, u = self.embed(ids)
         if self.implicit:
             with self.cached_weights():
-                z_star, stats = self.solve_eval(self.stack_fn(u), self.initial_iterate(e), max_iter)
+                z_star, stats = self.solve_eval(
+                    self.stack_fn(u),
+                    self.initial_iterate(e),
+                    max_iter,
+                    f_rows=self.stack_fn_rows(u),
+                )
         else:
             z_star, stats = e, _explicit_stats(ids)
         z, caches = self.stack(z_star, u, return_cache=True)
@@ -298,7 +353,11 @@ class ImplicitLM(nn.Module):
             cap = self.eval_max_iter() if max_iter is None else max_iter
             with self.cached_weights():
                 z, updates, stats = solve_token(
-                    lambda z: self.stack.step(z, u, caches), z0, cap, self.eval_tol()
+                    lambda z: self.stack.step(z, u, caches),
+                    z0,
+                    cap,
+                    self.eval_tol(),
+                    solve_options(self.solver_config),
                 )
         else:
             z, updates = self.stack.step(e, None, caches)

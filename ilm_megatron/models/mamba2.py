@@ -128,7 +128,11 @@ class Mamba2Mixer(nn.Module):
         )
 
     def forward(
-        self, h: torch.Tensor, u: torch.Tensor | None = None, return_cache: bool = False
+        self,
+        h: torch.Tensor,
+        u: torch.Tensor | None = None,
+        return_cache: bool = False,
+        cache: Mamba2Cache | None = None,
     ) -> tuple[torch.Tensor, Mamba2Cache | None]:
         """Whole-sequence (simultaneous) evaluation.
 
@@ -136,6 +140,9 @@ class Mamba2Mixer(nn.Module):
             h: (b, l, d) normalised input.
             u: (b, l, d_in_proj / tp) this rank's share of the injection, or None (explicit).
             return_cache: also return the recurrent state after the last position.
+            cache: the state before the first position (read only; TP-local shapes as
+                :meth:`empty_cache`): its conv window precedes ``xBC`` and its SSM state is the
+                scan's initial state. None: the start of a sequence (zeros).
 
         Returns:
             ``(out (b, l, d), cache or None)``.
@@ -150,6 +157,7 @@ class Mamba2Mixer(nn.Module):
             xbc,
             self.conv1d.weight[:, 0, :],
             self.conv1d.bias,
+            initial_window=None if cache is None else cache.conv,
             return_final_window=return_cache,
             activation="silu",
             backend=self.kernel_backend,
@@ -168,6 +176,7 @@ class Mamba2Mixer(nn.Module):
             C,
             self.chunk_size,
             D=self.D,
+            initial_states=None if cache is None else cache.ssm,
             return_final_states=return_cache,
             backend=self.kernel_backend,
         )

@@ -58,11 +58,16 @@ class Block(nn.Module):
         return z + upcast(self.mlp(self.mlp_norm(z)))
 
     def forward(
-        self, z: torch.Tensor, u: torch.Tensor | None = None, return_cache: bool = False
+        self,
+        z: torch.Tensor,
+        u: torch.Tensor | None = None,
+        return_cache: bool = False,
+        cache: Any = None,
     ) -> tuple[torch.Tensor, Any]:
-        """z: (b, l, d) fp32 residual stream -> (z', cache or None)."""
-        out, cache = self.mixer(self.norm(z), u, return_cache)
-        return self._mlp(z + upcast(out)), cache
+        """z: (b, l, d) fp32 residual stream -> (z', cache or None); ``cache``: the state
+        before the window (read only), or None."""
+        out, new_cache = self.mixer(self.norm(z), u, return_cache, cache)
+        return self._mlp(z + upcast(out)), new_cache
 
     def step(self, z: torch.Tensor, u: torch.Tensor | None, cache: Any) -> tuple[torch.Tensor, Any]:
         """z: (b, d) one token -> (z', cache update)."""
@@ -105,7 +110,11 @@ class Stack(nn.Module):
         return self.layers[0].mixer.injection_parts
 
     def forward(
-        self, z: torch.Tensor, u: torch.Tensor | None = None, return_cache: bool = False
+        self,
+        z: torch.Tensor,
+        u: torch.Tensor | None = None,
+        return_cache: bool = False,
+        caches: list[Any] | None = None,
     ) -> tuple[torch.Tensor, list[Any] | None]:
         """One evaluation of ``F``.
 
@@ -113,16 +122,18 @@ class Stack(nn.Module):
             z: (b, l, d) current iterate (fp32).
             u: (b, l, injection_size / tp) this rank's injection share, or None (explicit pass).
             return_cache: also return each layer's inference cache after the last position.
+            caches: each layer's state before the first position (read only), or None (empty).
 
         Returns:
             ``(F(z) (b, l, d) fp32, caches or None)``.
         """
-        caches = [] if return_cache else None
-        for layer in self.layers:
-            z, cache = layer(z, u, return_cache)
-            if caches is not None:
-                caches.append(cache)
-        return upcast(self.final_norm(z)), caches
+        out = [] if return_cache else None
+        prev = caches if caches is not None else [None] * len(self.layers)
+        for layer, before in zip(self.layers, prev, strict=True):
+            z, cache = layer(z, u, return_cache, before)
+            if out is not None:
+                out.append(cache)
+        return upcast(self.final_norm(z)), out
 
     def step(
         self, z: torch.Tensor, u: torch.Tensor | None, caches: list[Any]

@@ -54,7 +54,15 @@ from ilm_megatron.core.tensor_parallel import (
     tp_sum,
 )
 from ilm_megatron.implicit.phantom import _rng_state, _set_rng_state
-from ilm_megatron.implicit.solver import EPS, FixedPointTracker, SolverStats, damped
+from ilm_megatron.implicit.solver import (
+    EPS,
+    PICARD,
+    FixedPointTracker,
+    SolveOptions,
+    SolverStats,
+    damped,
+    solve_options,
+)
 from ilm_megatron.models.init import stage_layer_range
 from ilm_megatron.models.stack import upcast
 from ilm_megatron.parallel.p2p import (
@@ -362,7 +370,7 @@ class _Ring:
         (and after the last one the head and the loss)."""
         if kind == K_SOLVE:
             with self.t_fwd:
-                done = _solver_update(mb, out, step, self.cap, self.tol)
+                done = _solver_update(mb, out, step, self.cap, self.tol, self.solve_opts)
             if done:
                 self.solver[i] = mb.track.stats()
             if done and self.evaluate:
@@ -373,7 +381,7 @@ class _Ring:
                     self.logits[i] = logits
                 del self.mbs[i]
                 return Message(K_SOLVE, i, step, 1)
-            return Message(K_SOLVE, i, step, int(done), mb.track.best if done else out)
+            return Message(K_SOLVE, i, step, int(done), mb.track.best if done else mb.track.z)
         # phantom step: damping with z_{j-1} held here
         if step == 1:
             if mb.track is not None:
@@ -698,6 +706,7 @@ def pipeline_forward_backward(
             M=M,
             cap=cap,
             tol=tol,
+            solve_opts=solve_options(s_cfg),
             k=k,
             lam=lam,
             explicit=explicit,
@@ -770,13 +779,17 @@ def _local_positions(length: int) -> int:
     return length // tp
 
 
-def _solver_update(mb: _MB, fz: torch.Tensor, it: int, cap: int, tol: float) -> bool:
+def _solver_update(
+    mb: _MB, fz: torch.Tensor, it: int, cap: int, tol: float, opts: SolveOptions = PICARD
+) -> bool:
     """Last stage: evaluation ``it`` of the solve of one micro-batch, through the same
     :class:`~ilm_megatron.implicit.solver.FixedPointTracker` as :func:`solve` (the ring starts
-    every solve from zeros). ``fz``: (b, l, d) = F(z). Returns True when the micro-batch stops."""
+    every solve from zeros). ``fz``: (b, l, d) = F(z). Returns True when the micro-batch stops;
+    the tracker's next iterate (``mb.track.z``: ``F(z)``, Anderson's mix, a damped fallback, or
+    with early exit a stopped sample's frozen best iterate) is what goes round the ring."""
     if it == 1:
         reduce = tp_sum if sequence_parallel_active() else None
-        mb.track = FixedPointTracker(torch.zeros_like(fz), cap, tol, reduce)
+        mb.track = FixedPointTracker(torch.zeros_like(fz), cap, tol, reduce, opts)
     assert mb.track is not None and mb.track.it == it - 1, "solver evaluations out of order"
     return mb.track.update(fz)
 

@@ -27,6 +27,7 @@ from ilm_megatron.config import Config, config_to_yaml
 from ilm_megatron.data.word_problem import sample_word_problem
 from ilm_megatron.errors import RunError, UserError
 from ilm_megatron.models.lm import ImplicitLM
+from ilm_megatron.train.carry import CarriedState, new_carry
 from ilm_megatron.train.checkpoint import (
     _step_dir,
     _write_text_atomic,
@@ -86,7 +87,8 @@ def _add_logits(s: list[float], logits: torch.Tensor, y: torch.Tensor, vocab: in
     keep = y != IGNORE
     k = keep.sum().item()
     hits = (logits[..., :vocab].argmax(-1) == y) & keep
-    s[0] += token_loss(logits, y, vocab).item() * k
+    if k:  # a micro-batch of padding only (CatbAbI rows end at different windows): NaN mean
+        s[0] += token_loss(logits, y, vocab).item() * k
     s[1] += k
     s[2] += hits.sum().item()
     if last:
@@ -113,6 +115,7 @@ def evaluate_pass(
     last: int = 0,
     reduce_sum: Callable[[list[float]], list[float]] = _no_reduce,
     reduce_max: Callable[[list[float]], list[float]] = _no_reduce,
+    carry: CarriedState | None = None,
 ) -> dict[str, float]:
     """Loss, accuracy and solver statistics over ``batches`` of ``(x, y)`` (b, l), each cut into
     this rank's slice and that into micro-batches, run by ``share.model`` (or ``share.forward``,
@@ -122,6 +125,9 @@ def evaluate_pass(
     Returns ``loss`` (mean over the targets that count), ``acc_all``, with ``last > 0`` also
     ``acc_last{last}`` (the last ``last`` positions), ``iters_mean``/``iters_max``/
     ``residual_max`` over the samples, and ``samples``, the sequences evaluated.
+
+    ``carry``: ``batches`` are consecutive windows of continuous rows; each micro-batch starts
+    from its rows' state after the previous batch (``data.carry_state``; not on the pipeline).
     """
     model, mb = share.model, share.micro_batch
     s = [0.0] * 7  # loss sum, targets, correct, last correct, last targets, iters sum, samples
@@ -141,6 +147,8 @@ def evaluate_pass(
         hi = lo + n // share.parts
         xs, ys = list(x[lo:hi].split(mb)), list(y[lo:hi].split(mb))
         if share.forward is not None:
+            if carry is not None:
+                raise ValueError("data.carry_state is not supported with parallel.pp > 1")
             if (hi - lo) % mb:
                 raise ValueError(
                     f"train.eval_micro_batch={mb} does not divide the {hi - lo} validation "
@@ -155,9 +163,13 @@ def evaluate_pass(
             continue
         if model is None:
             continue
-        for xc, yc in zip(xs, ys):
+        for j, (xc, yc) in enumerate(zip(xs, ys)):
             xc, yc = xc.to(device), yc.to(device)
-            out = model(xc, max_iter=max_iter)
+            if carry is None:
+                out = model(xc, max_iter=max_iter)
+            else:
+                out = model(xc, max_iter=max_iter, caches=carry.get(j), return_caches=True)
+                carry.put(j, out.caches)
             _add_logits(s, out.logits, yc, vocab, last)
             _add_stats(s, m, out.stats)
     if model is not None:
@@ -221,12 +233,14 @@ def evaluate_batches(
     device: torch.device,
     share: EvalShare | None = None,
     engine: Any = None,
+    carry: CarriedState | None = None,
 ) -> dict[str, float]:
-    """Loss, perplexity, token accuracy and solver statistics over fixed ``(x, y)`` batches."""
+    """Loss, perplexity, token accuracy and solver statistics over fixed ``(x, y)`` batches
+    (with ``carry``: consecutive windows, the state carried from each to the next)."""
     if share is None:
         mb = batches[0][0].shape[0] if batches else 1
         share = EvalShare(model, 0, 1, True, mb)
-    res = evaluate_pass(share, batches, vocab, device, None, 0, *_reducers(engine))
+    res = evaluate_pass(share, batches, vocab, device, None, 0, *_reducers(engine), carry=carry)
     return {
         "length": batches[0][0].shape[1],
         **res,
@@ -254,7 +268,12 @@ def validate(
         raise ValueError(
             f"validation on {cfg.data.task} needs a validation split (data.val_fraction)"
         )
-    return evaluate_batches(share.model, batches, cfg.model.vocab_size, device, share, engine)
+    # CatbAbI validation windows are consecutive: with data.carry_state the state is carried
+    # across them, from empty at the start of the split
+    carry = new_carry(cfg)
+    return evaluate_batches(
+        share.model, batches, cfg.model.vocab_size, device, share, engine, carry
+    )
 
 
 class _StopFlag:
@@ -395,6 +414,7 @@ def _train(cfg: Config, run_dir: Path, engine: Any, lock: RunDirLock, quiet: boo
         torch.set_num_threads(cfg.train.threads)
     data = build_train_data(cfg, engine.dp_rank, engine.dp_size)
     _check_validation(cfg, data)
+    carry = new_carry(cfg)  # data.carry_state: this rank's rows' state between windows
     state = engine.setup(data, latest)
     counters = {"step": 0, "tokens": 0, "nan_streak": 0, "nan_skipped": 0, "unconverged": 0}
     if state is not None:
@@ -425,6 +445,10 @@ def _train(cfg: Config, run_dir: Path, engine: Any, lock: RunDirLock, quiet: boo
         data.load_state_dict(state["data"])
         how = state.get("resumed_from", "")
         log.say(f"ilm-train: resumed from {latest}{how} at step {counters['step']}")
+        if carry is not None and "carry" in state:
+            carry.load_state_dict(state["carry"], device)
+        elif carry is not None:
+            log.say("ilm-train: the checkpoint holds no carried state: rows start empty")
     engine.barrier()
 
     def save(pending: dict | None = None) -> Path:
@@ -433,6 +457,8 @@ def _train(cfg: Config, run_dir: Path, engine: Any, lock: RunDirLock, quiet: boo
             "data": data.state_dict(),
             "counters": dict(counters),
         }
+        if carry is not None and engine.carries_state_in_checkpoint:
+            trainer_state["carry"] = carry.state_dict()  # this rank's rows
         if pending is not None:  # this step's record, logged after the save (see ``emit``)
             trainer_state["pending_record"] = pending
         return engine.save(ckpt_root, trainer_state)
@@ -485,16 +511,20 @@ def _train(cfg: Config, run_dir: Path, engine: Any, lock: RunDirLock, quiet: boo
             engine.set_lr(lr)
             x, y = data.next_batch()
             x, y = x.to(device), y.to(device)
+            if carry is not None and data.starts_stream:
+                carry.reset()  # a new epoch's stream: other stories on every row
 
             def hook(loss: torch.Tensor, step: int = step) -> torch.Tensor:
                 if not engine.distributed:
                     return loss
                 return _test_hooks(step, engine.rank, engine.world_size, run_dir, loss)
 
-            out = engine.train_step(x, y, phase.solver, stop.signum is not None, hook)
+            out = engine.train_step(x, y, phase.solver, stop.signum is not None, hook, carry)
             if out.applied:
                 counters["nan_streak"] = 0
             else:  # skipped on every rank; stop after too many in a row
+                if carry is not None and carry.reset_if_nonfinite():
+                    log.say(f"step {step + 1}: non-finite carried state, rows start empty")
                 counters["nan_streak"] += 1
                 counters["nan_skipped"] += 1
                 log.say(f"step {step + 1}: non-finite loss or gradient, update skipped")

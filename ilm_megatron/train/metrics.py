@@ -4,7 +4,9 @@ TensorBoard tags are stable: ``train/loss``, ``train/acc``, ``train/lr``, ``trai
 ``perf/tokens_per_s``, ``perf/mem_gb``, ``perf/model_tflops``, ``perf/mfu`` (on
 known accelerators), ``solver/iters_mean``, ``solver/iters_max``,
 ``solver/residual_mean``, ``solver/residual_max``, ``solver/converged_frac``, ``solver/phase``,
-``solver/unconverged_steps``, ``train/nan_skipped``, ``val/loss``, ``val/acc``, ``val/iters_mean``;
+``solver/unconverged_steps``, ``solver/restarts`` (Anderson or divergence detection),
+``solver/evaluated_frac`` (early exit), ``train/nan_skipped``, ``val/loss``, ``val/acc``,
+``val/iters_mean``;
 the histogram ``solver/iters_per_sample``; the resolved config as text under ``config``.
 """
 
@@ -35,6 +37,8 @@ TB_TAGS = {
     "residual_mean": "solver/residual_mean",
     "residual_max": "solver/residual_max",
     "converged_frac": "solver/converged_frac",
+    "restarts": "solver/restarts",  # Anderson restarts and divergence fallbacks
+    "evaluated_frac": "solver/evaluated_frac",  # < 1 when early exit left samples out
     "phase": "solver/phase",
     "f_max_iter": "solver/f_max_iter",  # the settings in force at the logged step
     "phantom_steps": "solver/phantom_steps",
@@ -224,7 +228,8 @@ class MetricsLogger:
             k = self.phantom_steps if k is None else k
             if k is None:
                 raise ValueError("record: the phase's phantom_steps is unknown")
-            iters = rec.get("iters", rec.get("iters_mean", 1.0))
+            # early exit evaluates F on fewer samples: the rows actually computed
+            iters = rec.get("iters", rec.get("iters_mean", 1.0)) * rec.get("evaluated_frac", 1.0)
             rec["model_tflops"] = rec["tokens_per_s"] * self.flops(iters, int(k)) / 1e12
             if self.peak > 0:
                 rec["mfu"] = rec["model_tflops"] / self.peak

@@ -19,6 +19,7 @@ from torch import nn
 from ilm_megatron.config import Config, SolverConfig
 from ilm_megatron.implicit.solver import SolverStats
 from ilm_megatron.models.lm import ImplicitLM
+from ilm_megatron.train.carry import CarriedState
 from ilm_megatron.train.checkpoint import (
     _step_dir,
     _write_text_atomic,
@@ -42,6 +43,11 @@ def merge_stats(stats: Sequence[SolverStats]) -> SolverStats:
         torch.cat([s.sample_iters.detach().cpu() for s in stats]),
         stats[0].tol,
         stats[0].solver,
+        stats[0].method,
+        None
+        if any(s.restarts is None for s in stats)
+        else torch.cat([s.restarts.detach().cpu() for s in stats]),
+        sum(s.evaluated_rows for s in stats),
     )
 
 
@@ -98,6 +104,10 @@ class Engine:
     name = "engine"
     rank, world_size, dp_rank, dp_size = 0, 1, 0, 1
     distributed = False
+    # whether the trainer state saved per rank can hold the carried caches (data.carry_state);
+    # the sharded TP x PP x DP checkpoint keeps one trainer state per data-parallel rank, while
+    # the caches are TP-local shards, so there the state starts empty at a resume
+    carries_state_in_checkpoint = True
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg = cfg
@@ -116,14 +126,25 @@ class Engine:
         accs: list[float],
         stats: list[SolverStats],
         solver: SolverConfig,
+        carry: CarriedState | None = None,
+        j: int = 0,
     ) -> torch.Tensor:
         """Forward of one micro-batch x, y (b, l) under autocast with the step's ``solver``
         settings -> its loss (scalar, with autograd); appends the loss, the accuracy and the
-        solver statistics to the lists."""
+        solver statistics to the lists. With ``carry`` the window starts from micro-batch
+        ``j``'s carried state and leaves its state after the window there."""
         sharded = self.sharded_logits
         with self.autocast():
-            out = self.model(x, solver=solver, gather_logits=not sharded)  # type: ignore
+            out = self.model(  # type: ignore
+                x,
+                solver=solver,
+                gather_logits=not sharded,
+                caches=None if carry is None else carry.get(j),
+                return_caches=carry is not None,
+            )
             loss = hook(token_loss(out.logits, y, self.vocab, sharded))
+        if carry is not None:
+            carry.put(j, out.caches)
         losses.append(loss.item())
         accs.append(token_accuracy(out.logits, y, self.vocab, sharded))
         stats.append(out.stats)
@@ -156,13 +177,20 @@ class Engine:
             group["lr"] = lr
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, solver: SolverConfig, stop: bool, hook: Callable
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        solver: SolverConfig,
+        stop: bool,
+        hook: Callable,
+        carry: CarriedState | None = None,
     ) -> StepOutput:
         """One optimizer step on this rank's share ``x, y`` (b, l) of the global batch.
 
         ``solver``: the training solve's settings for this step (the curriculum phase's, see
         :func:`~ilm_megatron.train.curriculum.phase_at`); evaluation keeps the model's own.
-        ``hook(loss)`` may replace the loss (fault injection in tests).
+        ``hook(loss)`` may replace the loss (fault injection in tests). ``carry``: the state of
+        this rank's rows after the previous window (``data.carry_state``), updated in place.
         """
         raise NotImplementedError
 

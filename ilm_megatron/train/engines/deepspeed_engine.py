@@ -14,6 +14,7 @@ import torch
 
 from ilm_megatron.config import Config, SolverConfig
 from ilm_megatron.models.lm import ImplicitLM, build_model
+from ilm_megatron.train.carry import CarriedState
 from ilm_megatron.train.checkpoint import (
     init_from_checkpoint,
     load_model,
@@ -162,19 +163,28 @@ class DeepSpeedEngine(_DistributedBase):
             group["lr"] = lr
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, solver: SolverConfig, stop: bool, hook: Callable
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        solver: SolverConfig,
+        stop: bool,
+        hook: Callable,
+        carry: CarriedState | None = None,
     ) -> StepOutput:
         mb = self.cfg.parallel.microbatches
         engine = self.engine
         loss_sum = acc_sum = 0.0
         bad = stop_any = False
         stats = []
-        for xc, yc in zip(x.chunk(mb), y.chunk(mb)):
+        for j, (xc, yc) in enumerate(zip(x.chunk(mb), y.chunk(mb))):
             # bf16 (train.precision): the forward's autocast is DeepSpeed's torch_autocast
             # section (see deepspeed_config), the loss's this one
             with self.autocast():
-                out = engine(xc, solver=solver)
+                caches = None if carry is None else carry.get(j)
+                out = engine(xc, solver=solver, caches=caches, return_caches=carry is not None)
                 loss = hook(token_loss(out.logits, yc, self.vocab))
+            if carry is not None:  # each rank carries its own rows
+                carry.put(j, out.caches)
             acc = token_accuracy(out.logits, yc, self.vocab)
             ok = bool(torch.isfinite(loss))
             nonfinite, stops, lsum, asum = self.all_reduce_sum(

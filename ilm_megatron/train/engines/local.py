@@ -12,6 +12,7 @@ import torch
 
 from ilm_megatron.config import Config, SolverConfig
 from ilm_megatron.models.lm import build_model
+from ilm_megatron.train.carry import CarriedState
 from ilm_megatron.train.checkpoint import (
     init_from_checkpoint,
     load_model,
@@ -98,14 +99,20 @@ class LocalEngine(Engine):
         return {**states[0], "resumed_from": f" (written by {was})"}
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, solver: SolverConfig, stop: bool, hook: Callable
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        solver: SolverConfig,
+        stop: bool,
+        hook: Callable,
+        carry: CarriedState | None = None,
     ) -> StepOutput:
         mb = self.cfg.parallel.microbatches
         self.opt.zero_grad(set_to_none=True)
         losses, accs, stats = [], [], []
         finite = True
-        for xc, yc in zip(x.chunk(mb), y.chunk(mb)):
-            loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats, solver)
+        for j, (xc, yc) in enumerate(zip(x.chunk(mb), y.chunk(mb))):
+            loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats, solver, carry, j)
             if not bool(torch.isfinite(loss)):
                 finite = False  # no backward: the update is skipped
                 break

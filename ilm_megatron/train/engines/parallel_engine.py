@@ -17,6 +17,7 @@ from ilm_megatron.implicit.solver import SolverStats
 from ilm_megatron.models.init import stage_units
 from ilm_megatron.models.lm import ImplicitLM, build_model
 from ilm_megatron.parallel.checkpoint import load_full_state_dict, stage_state_names
+from ilm_megatron.train.carry import CarriedState
 from ilm_megatron.train.checkpoint import (
     CheckpointError,
     check_architecture,
@@ -61,6 +62,8 @@ class ParallelEngine(_DistributedBase):
     (:class:`~ilm_megatron.train.engines.zero.DeepSpeedZero`), which then owns the norm, the
     clipping and the update.
     """
+
+    carries_state_in_checkpoint = False  # one trainer state per DP rank; caches are TP shards
 
     def __init__(self, cfg: Config) -> None:
         from megatron.core import parallel_state as ps
@@ -145,7 +148,13 @@ class ParallelEngine(_DistributedBase):
 
     # ----------------------------------------------------------------- step
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, solver: SolverConfig, stop: bool, hook: Callable
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        solver: SolverConfig,
+        stop: bool,
+        hook: Callable,
+        carry: CarriedState | None = None,
     ) -> StepOutput:
         mb = self.cfg.parallel.microbatches
         self.opt.zero_grad(set_to_none=True)
@@ -155,7 +164,7 @@ class ParallelEngine(_DistributedBase):
         stats: list[SolverStats] = []
         reports = self.is_last_stage and self.tp_rank == 0  # one reporter per DP replica
         with self.opt.accumulate() if self.zero else contextlib.nullcontext():
-            stats = self._forward_backward(xs, ys, solver, hook, losses, accs, stats)
+            stats = self._forward_backward(xs, ys, solver, hook, losses, accs, stats, carry)
         if self.zero:
             gnorm, applied = self.opt.step()
         else:
@@ -195,15 +204,19 @@ class ParallelEngine(_DistributedBase):
         losses: list[float],
         accs: list[float],
         stats: list[SolverStats],
+        carry: CarriedState | None = None,
     ) -> list[SolverStats]:
         """Forward and backward of the step's micro-batches ``xs``/``ys`` (each (b, l)): the
-        gradients accumulate on the parameters; returns the solver statistics."""
+        gradients accumulate on the parameters; returns the solver statistics. ``carry``: the
+        rows' state across windows (TP-local cache shards; not under PP, refused at load)."""
         mb = self.cfg.parallel.microbatches
         if self.stage is None:
-            for xc, yc in zip(xs, ys):
-                loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats, solver)
+            for j, (xc, yc) in enumerate(zip(xs, ys)):
+                loss = self._microbatch_loss(xc, yc, hook, losses, accs, stats, solver, carry, j)
                 (loss / mb if mb > 1 else loss).backward()  # a NaN shows in the global norm
         else:
+            if carry is not None:
+                raise ValueError("data.carry_state is not supported with parallel.pp > 1")
             from ilm_megatron.parallel.pipeline import pipeline_forward_backward
 
             sharded = self.sharded_logits
