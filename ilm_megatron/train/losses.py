@@ -15,14 +15,21 @@ from ilm_megatron.train.data import IGNORE
 def token_loss(
     logits: torch.Tensor, targets: torch.Tensor, vocab: int, sharded: bool = False
 ) -> torch.Tensor:
-    """Cross-entropy over aligned targets (no shift). logits (b, l, V'), targets (b, l).
+    """Cross-entropy over aligned targets (no shift). logits (b, l, V'), targets (b, l); targets
+    equal to ``IGNORE`` do not count (0 when none counts).
 
     ``sharded``: ``logits`` are this TP rank's vocabulary columns (b, l, V' / tp); the loss is
     the vocab-parallel cross-entropy (no rank gathers the whole logits).
     """
     if sharded:
         return vocab_parallel_cross_entropy(logits, targets, vocab, IGNORE)
-    return F.cross_entropy(logits[..., :vocab].flatten(0, 1).float(), targets.flatten())
+    # the mean over the targets that count; a micro-batch with none (a CatbAbI QA window without
+    # a question) has loss 0 and zero gradients, not the NaN of an empty mean, which the loop
+    # would count as a diverged step and skip
+    total = F.cross_entropy(
+        logits[..., :vocab].flatten(0, 1).float(), targets.flatten(), reduction="sum"
+    )
+    return total / (targets != IGNORE).sum().clamp(min=1)
 
 
 def token_accuracy_tensor(
