@@ -101,3 +101,54 @@ def test_data_stream_uses_the_folder_vocab(tmp_path):
     (folder / "vocab.json").write_text("{}")
     with pytest.raises(ValueError, match=r"vocab\.json is not a CatbAbI vocabulary"):
         data_catbabi.read_vocab(str(folder))
+
+
+def test_eval_reports_iterations_per_story_length(tmp_path, capsys):
+    """``ilm-eval catbabi`` averages, per story-length bucket, the iterations behind each
+    answer: the row's solve in simultaneous mode, the answer token's own solve in sequential
+    mode (both with the state carried across windows). Reference: the same windows run here
+    and averaged in a plain loop over the answers."""
+    import torch
+
+    from ilm_megatron.data.catbabi import iter_batches, load_stream
+    from ilm_megatron.models.lm import build_model
+    from ilm_megatron.train.checkpoint import save_model
+
+    data = _make_data(tmp_path)
+    cfg = load_config(
+        [CONFIGS / "tasks" / "catbabi_implicit_mamba2.yaml"],
+        ["model.d_model=32", "model.headdim=8", "model.d_state=8", "solver.f_tol=1e-3"],
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.solver).eval()
+    save_model(model, cfg, tmp_path / "m.safetensors")
+    bins = (60, 120)
+    for mode in ("simultaneous", "sequential"):
+        args = ["catbabi", "--checkpoint", str(tmp_path / "m.safetensors"), "--data", str(data),
+                "--seq-len", "40", "--batch-size", "2", "--max-windows", "3", "--carry-state",
+                "--mode", mode, "--length-bins", "60,120", "--json"]  # fmt: skip
+        assert ilm_eval(args) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["mode"] == mode and got["carry_state"] is True
+        sums: dict[int, list[float]] = {}
+        caches = None
+        stream = load_stream(str(data), "test", 2, 40)
+        with torch.no_grad():
+            for i, b in enumerate(iter_batches(stream)):
+                if i == 3:
+                    break
+                if mode == "sequential":
+                    out = model.forward_sequential(b.x, caches=caches)
+                    it = out.stats.sample_iters
+                else:
+                    out = model(b.x, caches=caches, return_caches=True)
+                    it = out.stats.sample_iters[:, None].expand(b.x.shape)
+                caches = out.caches
+                for r, t in zip(*torch.nonzero(b.is_answer, as_tuple=True)):
+                    k = sum(int(b.story_len[r, t]) > edge for edge in bins)
+                    sums.setdefault(k, []).append(float(it[r, t]))
+        names = ["<=60", "<=120", ">120"]
+        want = {names[k]: sum(v) / len(v) for k, v in sums.items()}
+        assert got["iters_per_length"].keys() == want.keys()
+        for k, v in want.items():
+            assert abs(got["iters_per_length"][k] - v) < 1e-9, (mode, k)

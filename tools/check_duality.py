@@ -94,6 +94,8 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
+    from ilm_megatron.analysis.duality import greedy_agreement, max_abs_diff, run_modes
+
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -103,17 +105,9 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen)
 
-    with torch.no_grad():
-        sim = model(ids, max_iter=args.max_iter)
-        seq = model.forward_sequential(ids, max_iter=args.max_iter)
-
-    diff = (sim.logits.double() - seq.logits.double()).abs().max().item()
-    agree = (
-        (sim.logits[..., :vocab].argmax(-1) == seq.logits[..., :vocab].argmax(-1))
-        .double()
-        .mean()
-        .item()
-    )
+    sim, seq = run_modes(model, ids, args.max_iter, args.max_iter)
+    diff = max_abs_diff(sim.logits, seq.logits)  # every logit, padded vocabulary included
+    agree = greedy_agreement(sim.logits, seq.logits, vocab).double().mean().item()
     seq_iters = seq.stats.sample_iters.double()
     return {
         "max_abs_logit_diff": diff,

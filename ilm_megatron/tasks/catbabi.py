@@ -993,6 +993,7 @@ class AccuracyMeter:
         self.total = torch.zeros(NUM_TASKS + 1, dtype=torch.long)
         self.len_correct = torch.zeros(len(self.bins) + 1, dtype=torch.long)
         self.len_total = torch.zeros(len(self.bins) + 1, dtype=torch.long)
+        self.len_iters = torch.zeros(len(self.bins) + 1, dtype=torch.float64)  # sums at answers
 
     def bin_names(self) -> list[str]:
         """Names of the story-length buckets."""
@@ -1006,8 +1007,11 @@ class AccuracyMeter:
         is_answer: torch.Tensor,
         task_id: torch.Tensor,
         story_len: torch.Tensor,
+        iters: torch.Tensor | None = None,
     ) -> None:
-        """Add a batch: ``logits`` (b, l, V); the other tensors (b, l)."""
+        """Add a batch: ``logits`` (b, l, V); the other tensors (b, l). ``iters`` (b, l): the
+        solver iterations behind each position's prediction (per token in sequential mode, the
+        row's in simultaneous mode), averaged per story-length bucket over the answers."""
         mask = is_answer.bool()
         hit = (logits.argmax(-1) == y)[mask].long()
         tasks = task_id[mask].long()
@@ -1018,14 +1022,21 @@ class AccuracyMeter:
         nb = len(self.bins) + 1
         self.len_correct += torch.bincount(bucket, weights=hit, minlength=nb).long()
         self.len_total += torch.bincount(bucket, minlength=nb)
+        if iters is not None:
+            w = iters.to(hit.device)[mask].double()
+            self.len_iters += torch.bincount(bucket, weights=w, minlength=nb)
 
-    def update_batch(self, logits: torch.Tensor, batch: CatbabiBatch) -> None:
+    def update_batch(
+        self, logits: torch.Tensor, batch: CatbabiBatch, iters: torch.Tensor | None = None
+    ) -> None:
         """:meth:`update` with the fields of ``batch``."""
-        self.update(logits, batch.y, batch.is_answer, batch.task_id, batch.story_len)
+        self.update(logits, batch.y, batch.is_answer, batch.task_id, batch.story_len, iters)
 
     def result(self) -> dict[str, object]:
         """``{"accuracy": micro, "per_task": {task: acc}, "per_length": {bucket: acc},
-        "count": n}``; tasks and buckets without answers are left out."""
+        "iters_per_length": {bucket: mean iterations at its answers}, "count": n}``; tasks and
+        buckets without answers are left out (``iters_per_length`` is empty unless iterations
+        were given)."""
         n = int(self.total.sum())
         per_task = {
             t: float(self.correct[t]) / float(self.total[t])
@@ -1037,10 +1048,16 @@ class AccuracyMeter:
             for i, name in enumerate(self.bin_names())
             if self.len_total[i] > 0
         }
+        iters_len = {
+            name: float(self.len_iters[i]) / float(self.len_total[i])
+            for i, name in enumerate(self.bin_names())
+            if self.len_total[i] > 0 and self.len_iters.any()
+        }
         return {
             "accuracy": float(self.correct.sum()) / n if n else float("nan"),
             "per_task": per_task,
             "per_length": per_len,
+            "iters_per_length": iters_len,
             "count": n,
         }
 

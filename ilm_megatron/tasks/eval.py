@@ -1,7 +1,10 @@
-"""``ilm-eval``: evaluate trained checkpoints on downstream tasks.
+"""``ilm-eval``: evaluate trained checkpoints on downstream tasks, and the paper's analyses.
 
     ilm-eval state-tracking --checkpoint RUN_DIR_OR_FILE --lengths 32,64,128,256
                             [--batches N] [--mode simultaneous|sequential] [--json]
+    ilm-eval catbabi | lm-eval | ppl-by-position | duality | jacobian | adaptive-compute ...
+
+The analyses live in :mod:`ilm_megatron.analysis` (``docs/analysis.md``).
 
 Each task is a subcommand registered in :data:`SUBCOMMANDS` (``name -> (add_arguments, run)``), so
 another task (e.g. ``catbabi``) is added by appending one entry. ``main`` returns the exit code:
@@ -17,6 +20,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ilm_megatron.argtypes import comma_list
+
 PROG = "ilm-eval"
 
 
@@ -24,17 +29,8 @@ class EvalError(Exception):
     """A user-facing error: printed as ``ilm-eval: error: ...`` with exit code 2."""
 
 
-def parse_lengths(text: str) -> list[int]:
-    """``"32,64,128"`` -> ``[32, 64, 128]``; every length must be a positive integer."""
-    try:
-        lengths = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--lengths expects comma-separated integers, got {text!r}"
-        ) from None
-    if not lengths or any(n <= 0 for n in lengths):
-        raise argparse.ArgumentTypeError(f"--lengths expects positive integers, got {text!r}")
-    return lengths
+#: ``"32,64,128"`` -> ``[32, 64, 128]``; every length must be a positive integer
+parse_lengths = comma_list(int, lambda n: n > 0, "positive integers")
 
 
 # --------------------------------------------------------------------------- state-tracking
@@ -198,9 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     warnings.filterwarnings("ignore", module="megatron")
     _, _, run, show = SUBCOMMANDS[args.task]
+    from ilm_megatron.errors import UserError
+
     try:
         result = run(args)
-    except EvalError as e:
+    except (EvalError, UserError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
@@ -217,47 +215,95 @@ def _add_catbabi(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=200, help="window length (200)")
     p.add_argument("--batch-size", type=int, default=1, help="stream rows (test: 1, file order)")
     p.add_argument("--max-windows", type=int, default=0, help="stop after N windows (0: all)")
+    p.add_argument(
+        "--mode",
+        choices=("simultaneous", "sequential"),
+        default="simultaneous",
+        help="solve each window at once, or token by token (iterations per token)",
+    )
+    p.add_argument(
+        "--length-bins",
+        type=comma_list(int, lambda v: v > 0, "increasing positive lengths", increasing=True),
+        default=None,
+        help="story-length bucket bounds (default 50,100,200,400)",
+    )
+    p.add_argument("--max-iter", type=int, default=0, help="solver cap (0: the model's eval cap)")
+    p.add_argument(
+        "--carry-state",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="carry each row's recurrent state from one window to the next (default: as the "
+        "run was trained, data.carry_state of its config; off when unknown)",
+    )
     p.add_argument("--json", action="store_true")
 
 
 def _run_catbabi(args: argparse.Namespace) -> dict[str, Any]:
     """QA accuracy (answers after ``?``) per task and per story length, with solver iterations.
 
-    Each window is solved on its own (simultaneous mode, no state carried across windows).
+    Windows are solved in simultaneous mode, each from the state the previous window left on
+    its rows (``--carry-state``, the default for runs trained with ``data.carry_state``) or
+    from an empty state (``--no-carry-state``); ``carry_state`` in the result says which.
     """
     import torch
 
+    from ilm_megatron.analysis.common import stored_run_config
     from ilm_megatron.tasks.catbabi import AccuracyMeter, iter_batches, load_stream
     from ilm_megatron.tasks.state_tracking import resolve_checkpoint
+    from ilm_megatron.train.carry import CarriedState
     from ilm_megatron.train.checkpoint import load_model
 
     try:
-        path, _ = resolve_checkpoint(args.checkpoint)
+        path, run_dir = resolve_checkpoint(args.checkpoint)
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
+    # the run's data settings: stored with the weights, else the run directory's config.yaml
+    stored = stored_run_config(path, run_dir)
+    data_cfg = stored.get("data", {}) if stored is not None else {}
+    carry_state = args.carry_state
+    if carry_state is None:
+        carry_state = bool(data_cfg.get("carry_state", False))
+    # attention keeps as many previous positions as in training (data.carry_kv_window)
+    carry = CarriedState(int(data_cfg.get("carry_kv_window", 0) or args.seq_len))
     try:
         stream = load_stream(args.data, args.split, args.batch_size, args.seq_len)
     except (OSError, ValueError) as e:
         raise EvalError(f"{args.data}: {e}") from None
     model = load_model(path).eval()
-    meter = AccuracyMeter()
+    meter = AccuracyMeter(args.length_bins) if args.length_bins else AccuracyMeter()
     iters = []
+    cap = args.max_iter or None
     with torch.no_grad():
         for i, batch in enumerate(iter_batches(stream)):
             if args.max_windows and i >= args.max_windows:
                 break
-            out = model(batch.x)
-            meter.update_batch(out.logits[..., : model.config.vocab_size], batch)
-            iters.append(out.stats.sample_iters.float().flatten())
+            before = carry.get(0) if carry_state else None
+            if args.mode == "sequential":  # the caches advance token by token, in place
+                caches = before if before is not None else None
+                out = model.forward_sequential(batch.x, caches=caches, max_iter=cap)
+                it = out.stats.sample_iters.float()  # (b, l): per token
+            else:
+                out = model(batch.x, max_iter=cap, caches=before, return_caches=carry_state)
+                it = out.stats.sample_iters.float()[:, None].expand(batch.x.shape)  # per row
+            if carry_state:
+                carry.put(0, out.caches)
+            meter.update_batch(out.logits[..., : model.config.vocab_size], batch, it)
+            iters.append(it.flatten())
     it = torch.cat(iters) if iters else torch.zeros(1)
     res = meter.result()
+    if not args.json:  # the printed table does not say it: which mode ran
+        how = "carried across windows" if carry_state else "empty at every window"
+        print(f"{PROG} catbabi: recurrent state {how}", file=sys.stderr)
     return {
         "task": "catbabi",
         "checkpoint": str(path),
         "split": args.split,
+        "carry_state": carry_state,
         "accuracy": res["accuracy"],
         "per_task": res["per_task"],
         "per_length": res["per_length"],
+        "iters_per_length": res["iters_per_length"],
+        "mode": args.mode,
         "answers": res["count"],
         "iters_mean": it.mean().item(),
         "iters_max": it.max().item(),
@@ -270,8 +316,10 @@ def _print_catbabi(result: dict[str, Any]) -> None:
           f"/{result['iters_max']:.0f}")  # fmt: skip
     for task, acc in sorted(result["per_task"].items(), key=lambda kv: int(kv[0])):
         print(f"  task {int(task):2d}: {acc:.3f}")
+    iters = result.get("iters_per_length", {})
     for bucket, acc in result["per_length"].items():
-        print(f"  stories {bucket:>6s}: {acc:.3f}")
+        extra = f"  iterations {iters[bucket]:.1f}" if bucket in iters else ""
+        print(f"  stories {bucket:>6s}: {acc:.3f}{extra}")
 
 
 SUBCOMMANDS["catbabi"] = (
@@ -375,6 +423,24 @@ SUBCOMMANDS["lm-eval"] = (
     _run_lm_eval,
     _print_lm_eval,
 )
+
+
+# --------------------------------------------------------------------------- analyses
+
+
+def _register_analyses() -> None:
+    """One subcommand per module of :data:`ilm_megatron.analysis.ANALYSES` (imported here: each
+    keeps its heavy imports inside ``run``)."""
+    import importlib
+
+    from ilm_megatron.analysis import ANALYSES
+
+    for name, module in ANALYSES.items():
+        mod = importlib.import_module(module)
+        SUBCOMMANDS[name] = (mod.HELP, mod.add_arguments, mod.run, mod.show)
+
+
+_register_analyses()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ class PlotUnavailableError(RuntimeError):
     """matplotlib is not installed."""
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend (PlotUnavailableError without it)."""
     try:
         import matplotlib
     except ImportError:
@@ -50,7 +51,7 @@ def plot_length_generalization(
     Raises:
         PlotUnavailableError: matplotlib is not installed.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_acc, ax_it) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     models = list(dict.fromkeys(r["model"] for r in rows))
     for name in models:
@@ -96,4 +97,4 @@ def figure_to_array(fig: Any) -> Any:
 
 def close(fig: Any) -> None:
     """Free a figure returned by :func:`plot_length_generalization`."""
-    _pyplot().close(fig)
+    pyplot().close(fig)
