@@ -1,7 +1,7 @@
 """Writing an analysis's outputs: one JSON file, PNG figures and TensorBoard images.
 
-Everything is written atomically (temporary file, then rename), so a failed analysis leaves no
-half-written file behind.
+Everything is rendered first and each file written atomically (temporary file, then rename),
+the JSON last, so a failed analysis leaves no half-written file behind.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -22,6 +28,7 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; outputs are for sharing
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -53,42 +60,43 @@ def write_report(
     try:
         if out_dir is None:
             return result
+        import io
+
+        from ilm_megatron.tasks.plots import figure_to_array
+
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        pngs = []
-        images = {}
-        for stem, fig in figures.items():
-            import io
-
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png")
-            path = out / f"{stem}.png"
-            _atomic_bytes(path, buf.getvalue())
-            pngs.append(str(path))
-            from ilm_megatron.tasks.plots import figure_to_array
-
-            images[stem] = figure_to_array(fig)
         tb_dir = out / "tensorboard"
-        if images:
-            from torch.utils.tensorboard import SummaryWriter
-
-            w = SummaryWriter(log_dir=str(tb_dir))
-            try:
-                for stem, image in images.items():
-                    w.add_image(f"{name}/{stem}", image, step, dataformats="HWC")
-            finally:
-                w.close()
         json_path = out / f"{name}.json"
+        pngs = {stem: out / f"{stem}.png" for stem in figures}
         result = {
             **result,
             "outputs": {
                 "json": str(json_path),
-                "png": pngs,
-                "tensorboard": str(tb_dir) if images else None,
+                "png": [str(p) for p in pngs.values()],
+                "tensorboard": str(tb_dir) if figures else None,
             },
         }
+        # everything is rendered before anything is written: a result that is not JSON (a NaN)
+        # or a figure that fails to draw leaves the folder as it was
         text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-        _atomic_bytes(json_path, text.encode())
+        rendered = {}
+        for stem, fig in figures.items():
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png")
+            rendered[stem] = (buf.getvalue(), figure_to_array(fig))
+        out.mkdir(parents=True, exist_ok=True)
+        for stem, (png, _) in rendered.items():
+            _atomic_bytes(pngs[stem], png)
+        if rendered:
+            from torch.utils.tensorboard import SummaryWriter
+
+            w = SummaryWriter(log_dir=str(tb_dir))
+            try:
+                for stem, (_, image) in rendered.items():
+                    w.add_image(f"{name}/{stem}", image, step, dataformats="HWC")
+            finally:
+                w.close()
+        _atomic_bytes(json_path, text.encode())  # last: its presence means the rest is there
         return result
     finally:
         if figures:
