@@ -297,32 +297,39 @@ def catbabi_run(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> t
     return data, _save(cfg, root / "run")
 
 
-def test_cli_catbabi(catbabi_run: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("carry", [False, True], ids=["empty", "carried"])
+def test_cli_catbabi(catbabi_run: tuple[Path, Path], tmp_path: Path, capsys, carry: bool) -> None:
     """Token counts, buckets, tasks and iteration means of the tool against the stream and
-    ``forward_sequential`` run here on the same windows."""
+    ``forward_sequential`` run here on the same windows (with ``--carry-state`` each window
+    continues from the caches the previous one left)."""
     from ilm_megatron.data.catbabi import iter_batches, load_stream
 
     data, run = catbabi_run
     out = tmp_path / "out"
     rc, printed, err = _cli(
         ["--checkpoint", str(run), "--catbabi", str(data), "--length", "32", "--batch-size", "2",
-         "--max-windows", "3", "--length-bins", "110", "--out", str(out), "--json"],
+         "--max-windows", "3", "--length-bins", "110", "--out", str(out), "--json",
+         "--carry-state" if carry else "--no-carry-state"],
         capsys,
     )  # fmt: skip
     assert rc == 0, err
     res = _read_outputs(out, printed)
     seq, sim = res["sequential"], res["simultaneous"]
     assert res["data"]["source"] == "catbabi" and res["data"]["windows"] == 3
+    assert res["data"]["carry_state"] is carry
     assert [b["name"] for b in seq["buckets"]] == ["<=110", ">110"]
 
     model = load_model(run / "model.safetensors").eval()
     it_b: list[list[int]] = [[], []]
     answers, ans_it, tasks, pos_count = 0, [], set(), [0] * 32
+    caches = None
     with torch.no_grad():
         for w, batch in enumerate(iter_batches(load_stream(str(data), "test", 2, 32))):
             if w == 3:
                 break
-            it = model.forward_sequential(batch.x, max_iter=seq["cap"]).stats.sample_iters
+            out = model.forward_sequential(batch.x, caches=caches, max_iter=seq["cap"])
+            it = out.stats.sample_iters
+            caches = out.caches if carry else None
             for i in range(batch.x.shape[0]):
                 for t in range(32):
                     if int(batch.story_pos[i, t]) < 0:  # padding

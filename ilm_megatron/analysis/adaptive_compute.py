@@ -11,7 +11,9 @@ checkpoint, on one of two data sources:
   non-identity tokens, ``1 - easy_frac`` of
   :func:`~ilm_megatron.data.word_problem.sample_word_problem`; per token also whether it is hard;
 - CatbAbI (``--catbabi DIR``): the difficulty is the story length, bucketed as in ``ilm-eval
-  catbabi``, and the task. Each window is solved on its own, as ``ilm-eval catbabi`` does.
+  catbabi``, and the task. Each window continues from the state the previous one left on its
+  rows (``--carry-state``, the default for runs trained with ``data.carry_state``), as
+  ``ilm-eval catbabi`` does.
 
 Per token it records the iterations, the cross-entropy of the logits against the target and
 whether the argmax is right (accuracy is scored at every token of a word problem, at the answer
@@ -60,6 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--split", choices=("valid", "test"), default="test", help="CatbAbI split (test)"
+    )
+    p.add_argument(
+        "--carry-state",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CatbAbI: carry each row's state from one window to the next (default: as the run "
+        "was trained, data.carry_state)",
     )
     p.add_argument(
         "--group", default=None, help="word problem (S3, S5, A5, ...); default: the run's"
@@ -236,8 +245,13 @@ def measure_batch(
     targets: torch.Tensor,
     seq_cap: int,
     sim_cap: int | None,
+    carry: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run ``ids`` (b, l) in sequential and (unless ``sim_cap`` is None) simultaneous mode.
+
+    ``carry``: the state each mode left on these rows after the previous window
+    (``{"sequential": caches or None, "simultaneous": caches or None}``), read and replaced
+    here; None solves the window from an empty state.
 
     Returns:
         ``iters`` (b, l) per-token iterations (1 for an explicit model), ``loss`` (b, l) token
@@ -249,7 +263,10 @@ def measure_batch(
 
     vocab = model.config.vocab_size
     with torch.no_grad():
-        seq = model.forward_sequential(ids, max_iter=seq_cap)
+        before = carry.get("sequential") if carry is not None else None
+        seq = model.forward_sequential(ids, caches=before, max_iter=seq_cap)
+        if carry is not None:
+            carry["sequential"] = seq.caches
         logits = seq.logits[..., :vocab].float()
         if model.implicit:
             iters, converged = seq.stats.sample_iters, seq.stats.converged
@@ -263,7 +280,12 @@ def measure_batch(
             "converged": converged.expand_as(ids),
         }
         if sim_cap is not None:
-            sim = model(ids, max_iter=sim_cap)
+            if carry is not None:
+                before = carry.get("simultaneous")
+                sim = model(ids, max_iter=sim_cap, caches=before, return_caches=True)
+                carry["simultaneous"] = sim.caches
+            else:
+                sim = model(ids, max_iter=sim_cap)
             out["sim_iters"] = sim.stats.sample_iters.long()
             out["sim_correct"] = sim.logits[..., :vocab].argmax(-1) == targets
             out["sim_converged"] = sim.stats.converged
@@ -320,13 +342,16 @@ def _measure(
     length: int,
     max_iter: int | None,
     simultaneous: bool,
+    carry_state: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
     """:func:`measure_batch` on every batch, collected per kept token and per sample (see
-    :func:`measure_word_problem`); ``info`` holds the caps and the number of batches."""
+    :func:`measure_word_problem`); with ``carry_state`` each batch continues the rows of the
+    previous one (a stream's windows). ``info`` holds the caps and the number of batches."""
     device = next(model.parameters()).device
     seq_cap, sim_cap = common.solver_caps(model, length, CAP_MULT, max_iter or 0)
     toks, samps = _Collector(), _Collector()
     n_batches = 0
+    carry: dict[str, Any] | None = {} if carry_state else None
     for batch in batches:
         n_batches += 1
         m = measure_batch(
@@ -335,6 +360,7 @@ def _measure(
             batch.y.to(device),
             seq_cap,
             sim_cap if simultaneous else None,
+            carry,
         )
         m = {k: v.cpu() for k, v in m.items()}
         keep = batch.keep
@@ -402,11 +428,14 @@ def measure_catbabi(
     max_windows: int = 0,
     max_iter: int | None = None,
     simultaneous: bool = True,
+    carry_state: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
     """Per-token and per-window-row measurements on a CatbAbI folder's ``split``.
 
     The stream (:func:`ilm_megatron.data.catbabi.load_stream`, ``batch_size`` rows) is walked in
-    ``length`` windows, each solved on its own. Tokens are the non-pad positions; a token's
+    ``length`` windows, each solved from the state the previous window left on its rows
+    (``carry_state``, as a model trained with ``data.carry_state`` reads the stream) or from an
+    empty state. Tokens are the non-pad positions; a token's
     bucket is its story's length bucketized by ``length_bins`` (upper bounds, inclusive), and a
     row's simultaneous bucket is that of the longest story it holds in the window.
 
@@ -443,8 +472,9 @@ def measure_catbabi(
             longest = story_len.amax(1)  # padding has story_len 0
             yield _Batch(batch.x, batch.y, keep, fields, torch.bucketize(longest, bins))
 
-    tokens, samps, info = _measure(model, batches(), length, max_iter, simultaneous)
+    tokens, samps, info = _measure(model, batches(), length, max_iter, simultaneous, carry_state)
     info["windows"] = info.pop("batches")
+    info["carry_state"] = carry_state
     return tokens, samps, info
 
 
@@ -557,9 +587,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bins = args.length_bins or list(DEFAULT_LENGTH_BINS)
         length = args.length or DEFAULT_CATBABI_LENGTH
         names = AccuracyMeter(bins).bin_names()  # the buckets of ilm-eval catbabi
+        carry_state = args.carry_state
+        if carry_state is None:  # as the run was trained
+            stored = common.stored_run_config(ckpt.path, ckpt.run_dir)
+            data_cfg = stored.get("data", {}) if stored is not None else {}
+            carry_state = bool(data_cfg.get("carry_state", False))
         tokens, samples, info = measure_catbabi(
             model, args.catbabi, args.split, length, bins, args.batch_size,
-            args.max_windows, args.max_iter, simultaneous,
+            args.max_windows, args.max_iter, simultaneous, carry_state,
         )  # fmt: skip
         data = {
             "source": "catbabi",
@@ -567,6 +602,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "split": args.split,
             "length": length,
             "windows": info["windows"],
+            "carry_state": carry_state,
             "length_bins": bins,
             "difficulty": "story length",
         }
