@@ -1,0 +1,107 @@
+"""Toy-size runs of ``tools/bench_solver.py`` and ``tools/bench_state_tracking.py``.
+
+The solver benchmark's numbers are checked against the model run directly with the same solver
+settings; the state-tracking grid against :func:`evaluate_length` with ``easy_frac = 1 - p``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from test_tools import run_json, run_tool
+
+SOLVER_KEYS = {
+    "iters_plain",
+    "iters_anderson",
+    "iters_sequential",
+    "iters_warm_start",
+    "time_early_exit_over_plain",
+    "early_exit_ideal_ratio",
+    "quality",
+    "cases",
+    "machine",
+}
+
+
+def test_bench_solver_quick_reports_what_the_solves_did() -> None:
+    r = run_json("bench_solver.py", "--quick", "--tols", "1e-4")
+    assert SOLVER_KEYS <= r.keys()
+    (case,) = r["cases"]
+    assert case["tol"] == 1e-4 and case["task"] == "random tokens"
+    # the same inputs and solver settings, run here: the per-sample iterations to the tolerance
+    from ilm_megatron.models.lm import build_model
+
+    cfg = tiny_config("mamba2")
+    torch.manual_seed(0)  # the tool's --seed
+    model = build_model(cfg.model, cfg.solver).double().eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.model.vocab_size, (4, 8), generator=g)
+    ids[1::2] = ids[1::2, :1]
+    model.solver_config = dataclasses.replace(cfg.solver, eval_tol=1e-4)
+    with torch.no_grad():
+        plain = model(ids, max_iter=1000).stats.sample_iters.double().mean().item()
+        model.solver_config = dataclasses.replace(model.solver_config, method="anderson")
+        anderson = model(ids, max_iter=1000).stats.sample_iters.double().mean().item()
+    assert r["iters_plain"] == plain and r["iters_anderson"] == anderson
+    assert r["iters_anderson"] < r["iters_plain"]
+    q = r["quality"]
+    # every variant finds the same fixed point to the tolerance: logits agree closely
+    assert all(v < 1e-2 for v in q["max_logit_diff_from_sequential"].values()), q
+    assert q["agreement_with_sequential"]["plain"] == 1.0
+    ideal = sum(case["iters_per_sample_plain"]) / (4 * max(case["iters_per_sample_plain"]))
+    assert r["early_exit_ideal_ratio"] == pytest.approx(ideal, rel=1e-6)
+
+
+def test_bench_solver_refuses_an_explicit_config() -> None:
+    cfg = Path(__file__).resolve().parents[1] / "configs/models/explicit_mamba2_tiny.yaml"
+    proc = run_tool("bench_solver.py", "--config", str(cfg), "--quick")
+    assert proc.returncode == 2 and "explicit" in proc.stderr
+
+
+def test_bench_state_tracking_grid(tmp_path: Path) -> None:
+    from ilm_megatron.config import load_config
+    from ilm_megatron.tasks.state_tracking import EvalSpec, evaluate_length
+    from ilm_megatron.train.checkpoint import load_model
+    from ilm_megatron.train.loop import train
+
+    run = tmp_path / "run"
+    overrides = ["train.max_steps=2", "data.seq_len=8", "data.eval_seq_len=0", "data.easy_frac=0.5"]
+    train(load_config([], overrides), run, quiet=True)
+    out = tmp_path / "grid.json"
+    r = run_json(
+        "bench_state_tracking.py",
+        *("--run", f"tiny={run}", "--lengths", "8,16", "--hard-fractions", "0.25,1"),
+        *(
+            "--batches",
+            "1",
+            "--batch-size",
+            "8",
+            "--output",
+            str(out),
+            "--plot",
+            str(tmp_path / "g.png"),
+        ),
+    )
+    assert json.loads(out.read_text())["rows"] == r["rows"]
+    assert (tmp_path / "g.png").stat().st_size > 0
+    assert r["group"] == "S3" and r["train_length"] == 8 and r["train_hard_fraction"] == [0.5]
+    assert [(x["length"], x["hard_fraction"]) for x in r["rows"]] == [
+        (8, 0.25), (16, 0.25), (8, 1.0), (16, 1.0)
+    ]  # fmt: skip
+    model = load_model(run / "model.safetensors")
+    for row in r["rows"]:
+        spec = EvalSpec("S3", batches=1, batch_size=8, easy_frac=1 - row["hard_fraction"])
+        direct = evaluate_length(model, spec, row["length"])
+        assert (
+            row["acc_last10"] == direct["acc_last10"] and row["iters_mean"] == direct["iters_mean"]
+        )
+
+
+def test_bench_state_tracking_names_a_bad_run(tmp_path: Path) -> None:
+    proc = run_tool("bench_state_tracking.py", "--run", f"x={tmp_path / 'nothing'}")
+    assert proc.returncode == 2 and "--run x=" in proc.stderr
