@@ -105,3 +105,51 @@ def test_bench_state_tracking_grid(tmp_path: Path) -> None:
 def test_bench_state_tracking_names_a_bad_run(tmp_path: Path) -> None:
     proc = run_tool("bench_state_tracking.py", "--run", f"x={tmp_path / 'nothing'}")
     assert proc.returncode == 2 and "--run x=" in proc.stderr
+
+
+def test_bench_catbabi_rows(tmp_path: Path) -> None:
+    """Figure 13 (c, d) rows: per story-length bucket the accuracy and iterations ilm-eval
+    catbabi reports, at the mean story length of the bucket's answers, recomputed here from the
+    stream."""
+    import subprocess
+    import sys
+
+    from conftest import CONFIGS, ROOT
+
+    from ilm_megatron.config import load_config
+    from ilm_megatron.data.catbabi import iter_batches, load_stream
+    from ilm_megatron.models.lm import build_model
+    from ilm_megatron.train.checkpoint import save_model
+
+    data = tmp_path / "cb"
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_catbabi.py"), "--output", str(data),
+         "--stories", "3", "--tasks", "1,3", "--seed", "0"],
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    cfg = load_config(
+        [CONFIGS / "tasks" / "catbabi_implicit_mamba2.yaml"],
+        ["model.d_model=16", "model.headdim=8", "model.d_state=8", "model.n_layers=1"],
+    )
+    torch.manual_seed(0)
+    save_model(build_model(cfg.model, cfg.solver), cfg, tmp_path / "m.safetensors")
+    proc = run_tool(
+        "bench_catbabi.py",
+        *("--run", f"tiny={tmp_path / 'm.safetensors'}", "--data", str(data), "--seq-len", "64"),
+        *("--length-bins", "120", "--plot", str(tmp_path / "c.png"), "--json"),
+        *("--", "--batch-size", "2"),  # to ilm-eval catbabi
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)
+    assert (tmp_path / "c.png").stat().st_size > 0
+    ev = r["runs"]["tiny"]
+    assert [x["bucket"] for x in r["rows"]] == list(ev["per_length"])
+    for row in r["rows"]:
+        assert row["accuracy"] == ev["per_length"][row["bucket"]]
+        assert row["iters_mean"] == ev["iters_per_length"][row["bucket"]]
+    lens: dict[str, list[int]] = {}
+    for b in iter_batches(load_stream(str(data), "test", 2, 64)):
+        for n in b.story_len[b.is_answer.bool()].tolist():
+            lens.setdefault("<=120" if n <= 120 else ">120", []).append(n)
+    want = {k: sum(v) / len(v) for k, v in lens.items()}
+    assert {x["bucket"]: x["story_length"] for x in r["rows"]} == pytest.approx(want)

@@ -994,6 +994,7 @@ class AccuracyMeter:
         self.len_correct = torch.zeros(len(self.bins) + 1, dtype=torch.long)
         self.len_total = torch.zeros(len(self.bins) + 1, dtype=torch.long)
         self.len_iters = torch.zeros(len(self.bins) + 1, dtype=torch.float64)  # sums at answers
+        self.len_story = torch.zeros(len(self.bins) + 1, dtype=torch.float64)  # story lengths
 
     def bin_names(self) -> list[str]:
         """Names of the story-length buckets."""
@@ -1022,6 +1023,7 @@ class AccuracyMeter:
         nb = len(self.bins) + 1
         self.len_correct += torch.bincount(bucket, weights=hit, minlength=nb).long()
         self.len_total += torch.bincount(bucket, minlength=nb)
+        self.len_story += torch.bincount(bucket, weights=lens.double(), minlength=nb)
         if iters is not None:
             w = iters.to(hit.device)[mask].double()
             self.len_iters += torch.bincount(bucket, weights=w, minlength=nb)
@@ -1034,7 +1036,8 @@ class AccuracyMeter:
 
     def result(self) -> dict[str, object]:
         """``{"accuracy": micro, "per_task": {task: acc}, "per_length": {bucket: acc},
-        "iters_per_length": {bucket: mean iterations at its answers}, "count": n}``; tasks and
+        "iters_per_length": {bucket: mean iterations at its answers}, "story_length_mean":
+        {bucket: mean story length of its answers}, "count": n}``; tasks and
         buckets without answers are left out (``iters_per_length`` is empty unless iterations
         were given)."""
         n = int(self.total.sum())
@@ -1048,16 +1051,19 @@ class AccuracyMeter:
             for i, name in enumerate(self.bin_names())
             if self.len_total[i] > 0
         }
+        names = [(i, n) for i, n in enumerate(self.bin_names()) if self.len_total[i] > 0]
         iters_len = {
-            name: float(self.len_iters[i]) / float(self.len_total[i])
-            for i, name in enumerate(self.bin_names())
-            if self.len_total[i] > 0 and self.len_iters.any()
+            n: float(self.len_iters[i]) / float(self.len_total[i])
+            for i, n in names
+            if self.len_iters.any()
         }
+        story_len = {n: float(self.len_story[i]) / float(self.len_total[i]) for i, n in names}
         return {
             "accuracy": float(self.correct.sum()) / n if n else float("nan"),
             "per_task": per_task,
             "per_length": per_len,
             "iters_per_length": iters_len,
+            "story_length_mean": story_len,
             "count": n,
         }
 

@@ -238,7 +238,7 @@ def _add_catbabi(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def _run_catbabi(args: argparse.Namespace) -> dict[str, Any]:
+def run_catbabi(args: argparse.Namespace) -> dict[str, Any]:
     """QA accuracy (answers after ``?``) per task and per story length, with solver iterations.
 
     Windows are solved in simultaneous mode, each from the state the previous window left on
@@ -303,6 +303,7 @@ def _run_catbabi(args: argparse.Namespace) -> dict[str, Any]:
         "per_task": res["per_task"],
         "per_length": res["per_length"],
         "iters_per_length": res["iters_per_length"],
+        "story_length_mean": res["story_length_mean"],
         "mode": args.mode,
         "answers": res["count"],
         "iters_mean": it.mean().item(),
@@ -325,7 +326,7 @@ def _print_catbabi(result: dict[str, Any]) -> None:
 SUBCOMMANDS["catbabi"] = (
     "CatbAbI QA accuracy per task and per story length",
     _add_catbabi,
-    _run_catbabi,
+    run_catbabi,
     _print_catbabi,
 )
 
