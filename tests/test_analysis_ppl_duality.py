@@ -355,3 +355,37 @@ def test_cli_duality_errors(
     assert rc == 0, err
     res = json.loads(stdout)
     assert res["length"] == TRAIN_LEN and res["rows"][0]["agreement"] == 1.0
+
+
+def test_cli_duality_solver_settings(word_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--solver KEY=VALUE`` is the setting in force (read back from the result), and the
+    iterations are those of the model run here with the same setting; bad settings are named."""
+    import dataclasses
+
+    from ilm_megatron.data.word_problem import sample_word_problem
+    from ilm_megatron.train.checkpoint import load_model
+
+    rc, stdout, err = _ilm_eval(
+        ["duality", "--checkpoint", str(word_run), "--samples", "4", "--batch-size", "4",
+         "--tols", "1e-6", "--solver", "method=anderson", "--solver", "anderson_m=3",
+         "--seed", "5", "--json"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    res = json.loads(stdout)
+    assert res["method"] == "anderson" and res["solver_overrides"] == [
+        "method=anderson",
+        "anderson_m=3",
+    ]
+    model = load_model(word_run / "model.safetensors").eval()
+    model.solver_config = dataclasses.replace(
+        model.solver_config, method="anderson", anderson_m=3, eval_tol=1e-6
+    )
+    ids, _ = sample_word_problem("S3", 4, 8, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        it = model(ids, max_iter=res["cap_simultaneous"]).stats.sample_iters.float().mean()
+    assert res["rows"][0]["iters_simultaneous"] == pytest.approx(it.item())
+    for bad, named in (("metod=anderson", "metod=anderson"), ("anderson_m=0", "anderson_m"),
+                       ("early_exit=maybe", "early_exit=maybe")):  # fmt: skip
+        rc, _, err = _ilm_eval(["duality", "--checkpoint", str(word_run), "--solver", bad], capsys)
+        assert rc == 2 and named in err and "--solver" in err

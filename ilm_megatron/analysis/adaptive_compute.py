@@ -110,6 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-simultaneous", action="store_true", help="skip the simultaneous (per-sample) part"
     )
+    common.add_solver_argument(p)
     common.add_output_arguments(p, NAME)
 
 
@@ -569,7 +570,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ilm_megatron.analysis.report import write_report
 
     ckpt = common.resolve(args.checkpoint)
-    path, model = ckpt.path, common.load_checkpoint(ckpt, args.device)
+    path, model = ckpt.path, common.load_checkpoint(ckpt, args.device, args.solver)
     simultaneous = not args.no_simultaneous
     if args.catbabi is not None:
         from ilm_megatron.data.catbabi import read_vocab

@@ -10,6 +10,7 @@ inside the functions: the analyses import this module while ``ilm-eval --help`` 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,11 +100,15 @@ def resolve_device(spec: str) -> torch.device:
         raise UserError(f"--device {spec}: {e}") from None
 
 
-def load_checkpoint(ckpt: Checkpoint, device: str = "cpu") -> ImplicitLM:
-    """The model of ``ckpt`` in eval mode on ``device`` (``cpu``, ``cuda`` or ``auto``).
+def load_checkpoint(
+    ckpt: Checkpoint, device: str = "cpu", solver: Sequence[str] = ()
+) -> ImplicitLM:
+    """The model of ``ckpt`` in eval mode on ``device`` (``cpu``, ``cuda`` or ``auto``), its
+    solver settings changed by ``solver`` (``--solver KEY=VALUE``, :func:`solver_overrides`).
 
     Raises:
-        UserError: an unreadable checkpoint, or CUDA asked for where there is none.
+        UserError: an unreadable checkpoint, CUDA asked for where there is none, or a bad
+            ``--solver`` setting.
     """
     from ilm_megatron.train.checkpoint import load_model
 
@@ -112,7 +117,54 @@ def load_checkpoint(ckpt: Checkpoint, device: str = "cpu") -> ImplicitLM:
         model = load_model(ckpt.path)
     except (ValueError, OSError) as e:
         raise UserError(f"cannot load {ckpt.path}: {e}") from None
+    if solver:
+        model.solver_config = solver_overrides(model.solver_config, solver)
     return model.to(dev).eval()
+
+
+def solver_overrides(cfg: Any, settings: Sequence[str]) -> Any:
+    """``cfg`` (a frozen :class:`~ilm_megatron.config.SolverConfig`) with ``KEY=VALUE`` settings
+    applied, each value converted to the type of the key's current value (``true``/``false`` for
+    booleans) and the result validated as a config file's would be.
+
+    Raises:
+        UserError: naming the setting: not ``KEY=VALUE``, an unknown key, or a bad value.
+    """
+    import dataclasses
+
+    changes: dict[str, Any] = {}
+    for text in settings:
+        key, eq, value = text.partition("=")
+        key = key.strip().removeprefix("solver.")
+        if not eq or not hasattr(cfg, key):
+            keys = ", ".join(f.name for f in dataclasses.fields(cfg))
+            raise UserError(f"--solver {text}: expected KEY=VALUE with KEY one of {keys}")
+        current = getattr(cfg, key)
+        try:
+            if isinstance(current, bool):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError("expected true or false")
+                changes[key] = value.lower() == "true"
+            else:
+                changes[key] = type(current)(value)
+        except ValueError as e:
+            raise UserError(f"--solver {text}: {e}") from None
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ValueError as e:  # the config's own check, naming the key
+        raise UserError(f"--solver: {e}") from None
+
+
+def add_solver_argument(p: argparse.ArgumentParser) -> None:
+    """``--solver KEY=VALUE`` (repeatable): a ``solver.*`` setting for this analysis."""
+    p.add_argument(
+        "--solver",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a solver setting for this analysis instead of the checkpoint's, e.g. "
+        "method=anderson or early_exit=true (repeatable; docs/solver.md)",
+    )
 
 
 # --------------------------------------------------------------------------- word problems

@@ -168,6 +168,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="evaluation tolerances (default 1e-1,3e-2,1e-2,1e-3,1e-4)",
     )
     common.add_cap_arguments(p, "fixed solver cap of both modes (overrides the rule)")
+    common.add_solver_argument(p)
     p.add_argument("--seed", type=int, default=1234, help="seed of the word problems (1234)")
     common.add_output_arguments(p, NAME)
 
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ilm_megatron.analysis.report import write_report
 
     ckpt = common.resolve(args.checkpoint)
-    model = common.load_checkpoint(ckpt, args.device)
+    model = common.load_checkpoint(ckpt, args.device, args.solver)
     if not model.implicit:
         raise UserError(
             f"{ckpt.path}: the model is explicit (model.implicit=false): both modes run the "
@@ -221,6 +222,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "length": length,
         "eval_solver": s.eval_solver,
         "seq_warm_start": s.seq_warm_start,
+        "method": s.method,
+        "early_exit": s.early_exit,
+        "solver_overrides": list(args.solver),
         "cap_simultaneous": sim_cap,
         "cap_sequential": seq_cap,
         "rows": rows,

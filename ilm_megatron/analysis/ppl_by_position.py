@@ -31,6 +31,7 @@ from ilm_megatron.analysis.common import (
     add_checkpoint_argument,
     add_data_arguments,
     add_output_arguments,
+    add_solver_argument,
     assemble_sequences,
     check_vocabulary,
     load_checkpoint,
@@ -224,6 +225,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mode", choices=MODES, default="simultaneous")
     add_cap_arguments(p, "fixed solver cap (overrides the rule)")
+    add_solver_argument(p)
     add_output_arguments(p, NAME)
 
 
@@ -248,7 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     models = []
     for ckpt in ckpts:
-        model = load_checkpoint(ckpt, args.device)
+        model = load_checkpoint(ckpt, args.device, args.solver)
         check_vocabulary(ckpt, model.config.vocab_size, manifest, tokens)
         row = evaluate_model(
             model, tokens, buckets, args.mode, args.batch_size, args.cap_mult, args.max_iter
