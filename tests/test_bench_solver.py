@@ -136,7 +136,7 @@ def test_bench_catbabi_rows(tmp_path: Path) -> None:
     proc = run_tool(
         "bench_catbabi.py",
         *("--run", f"tiny={tmp_path / 'm.safetensors'}", "--data", str(data), "--seq-len", "64"),
-        *("--length-bins", "120", "--plot", str(tmp_path / "c.png"), "--json"),
+        *("--length-bins", "120", "--plot", str(tmp_path / "c.png"), "--plot-tasks", "--json"),
         *("--", "--batch-size", "2"),  # to ilm-eval catbabi
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -153,3 +153,18 @@ def test_bench_catbabi_rows(tmp_path: Path) -> None:
             lens.setdefault("<=120" if n <= 120 else ">120", []).append(n)
     want = {k: sum(v) / len(v) for k, v in lens.items()}
     assert {x["bucket"]: x["story_length"] for x in r["rows"]} == pytest.approx(want)
+    assert {x["bucket"]: x["answers"] for x in r["rows"]} == {k: len(v) for k, v in lens.items()}
+    # per task: the same buckets split by task, which pool back to the rows
+    assert {x["task"] for x in r["task_rows"]} == {1, 3}
+    for row in r["rows"]:
+        cells = [x for x in r["task_rows"] if x["bucket"] == row["bucket"]]
+        n = sum(x["answers"] for x in cells)
+        assert n == row["answers"]
+        assert sum(x["accuracy"] * x["answers"] for x in cells) / n == pytest.approx(
+            row["accuracy"]
+        )
+        assert sum(x["iters_mean"] * x["answers"] for x in cells) / n == pytest.approx(
+            row["iters_mean"]
+        )
+    for x in r["task_rows"]:
+        assert x["accuracy"] == ev["per_task_length"][str(x["task"])][x["bucket"]]["accuracy"]

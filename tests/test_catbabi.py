@@ -5,6 +5,7 @@ About 10 s on a 2-core CPU.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
@@ -17,6 +18,7 @@ import torch
 from ilm_megatron.tasks.catbabi import (
     ANSWERS,
     EOS_ID,
+    LENGTH_TASKS,
     NUM_TASKS,
     PAD_ID,
     ROOMS,
@@ -28,6 +30,7 @@ from ilm_megatron.tasks.catbabi import (
     format_story_line,
     generate_splits,
     generate_stories,
+    generate_story,
     iter_batches,
     load_stream,
     parse_story_line,
@@ -115,6 +118,39 @@ def test_deterministic_by_seed() -> None:
     # a task's stories do not depend on which other tasks are generated
     only = generate_stories(10, 5, tasks=[7], shuffle=False)
     assert sorted(s.tokens for s in a if s.task_id == 7) == sorted(s.tokens for s in only)
+
+
+def test_default_stories_fixed() -> None:
+    # the stories drawn without ``questions`` are the ones every existing dataset was made with
+    h = hashlib.sha256()
+    for s in generate_stories(20, 3):
+        h.update(s.digest().encode())
+    assert h.hexdigest() == "2ab684bdc7a58729fed811fd3dd08dc7341989072e3d21ac1ffbe7ea7ee0abc1"
+
+
+@pytest.mark.parametrize("task", sorted(LENGTH_TASKS))
+def test_questions_per_story_range(task: int) -> None:
+    stories = generate_stories(40, 7, tasks=[task], shuffle=False, questions=(3, 30))
+    counts = [len(s.answer_positions) for s in stories]
+    # tasks 5 asks after every give, so a story can end (max_steps) short of its draw
+    assert min(counts) >= 1 and max(counts) <= 30
+    assert max(counts) >= 20 and min(counts) <= 6  # the range is used, not only its ends
+    lines = [format_story_line(s) for s in stories]
+    assert check_story_lines(lines).ok  # every answer re-derived independently
+    # longer stories: story length grows with the number of questions
+    by_q = sorted(zip(counts, (len(s.tokens) for s in stories), strict=True))
+    short = [n for q, n in by_q if q <= 10]
+    long = [n for q, n in by_q if q >= 20]
+    assert short and long and sum(long) / len(long) > 2 * sum(short) / len(short)
+    fixed = generate_stories(10, 7, tasks=[task], shuffle=False, questions=(12, 12))
+    assert all(len(s.answer_positions) == 12 for s in fixed) or task == 5
+
+
+def test_questions_refused_for_fixed_form_tasks() -> None:
+    with pytest.raises(ValueError, match=r"tasks \[4, 19\] have a fixed form"):
+        generate_stories(2, 0, tasks=[1, 4, 19], questions=(5, 10))
+    with pytest.raises(ValueError, match="1 <= lo <= hi"):
+        generate_story(1, random.Random(0), questions=(6, 5))
 
 
 def test_splits_disjoint() -> None:
@@ -226,6 +262,47 @@ def test_accuracy_meter_synthetic() -> None:
     assert meter.result()["count"] == 10
 
 
+def test_accuracy_meter_per_task_length_matches_naive_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    bins = (60, 120, 300)
+    meter = AccuracyMeter(bins)
+    naive: dict[tuple[int, str], list[tuple[int, int, float]]] = {}
+    for _ in range(3):
+        b, L, V = 3, 17, len(VOCAB)
+        y = torch.randint(0, V, (b, L), generator=g)
+        is_answer = torch.rand(b, L, generator=g) < 0.4
+        task_id = torch.randint(1, 4, (b, L), generator=g)
+        story_len = torch.randint(20, 400, (b, L), generator=g)
+        iters = torch.randint(1, 30, (b, L), generator=g).float()
+        pred = torch.where(torch.rand(b, L, generator=g) < 0.6, y, (y + 1) % V)
+        meter.update(torch.nn.functional.one_hot(pred, V).float(), y, is_answer, task_id,
+                     story_len, iters)  # fmt: skip
+        for i in range(b):
+            for j in range(L):
+                if not is_answer[i, j]:
+                    continue
+                n = int(story_len[i, j])
+                name = next((f"<={u}" for u in bins if n <= u), f">{bins[-1]}")
+                key = (int(task_id[i, j]), name)
+                naive.setdefault(key, []).append(
+                    (int(pred[i, j] == y[i, j]), n, float(iters[i, j]))
+                )
+    res = meter.result()
+    got = res["per_task_length"]
+    assert {(t, k) for t, v in got.items() for k in v} == set(naive)
+    for (t, name), cells in naive.items():
+        cell = got[t][name]
+        assert cell["answers"] == len(cells)
+        assert cell["accuracy"] == pytest.approx(sum(c[0] for c in cells) / len(cells))
+        assert cell["story_length_mean"] == pytest.approx(sum(c[1] for c in cells) / len(cells))
+        assert cell["iters_mean"] == pytest.approx(sum(c[2] for c in cells) / len(cells))
+    # the overall buckets are the per-task ones pooled
+    for name, acc in res["per_length"].items():
+        cells = [c for (t, k), v in naive.items() if k == name for c in v]
+        assert acc == pytest.approx(sum(c[0] for c in cells) / len(cells))
+        assert res["iters_per_length"][name] == pytest.approx(sum(c[2] for c in cells) / len(cells))
+
+
 def test_accuracy_meter_on_stream() -> None:
     stories = _toy_stories()
     stream = build_stream(stories, batch_size=2, seq_len=32)
@@ -275,6 +352,18 @@ def test_make_catbabi_tool(tmp_path: Path) -> None:
     assert (out / "train.txt").read_bytes() == (out2 / "train.txt").read_bytes()
     with pytest.raises(SystemExit):
         tool.main(["--output", str(out), "--stories", "3", "--tasks", "0,21"])
+    # long stories of one task: the question range is used and recorded
+    long = tmp_path / "long"
+    assert tool.main(["--output", str(long), "--stories", "2", "--eval-stories", "6",
+                      "--tasks", "1", "--questions", "20,25", "--seed", "1"]) == 0  # fmt: skip
+    meta = json.loads((long / "meta.json").read_text())
+    assert meta["questions_per_story"] == [20, 25]
+    for line in (long / "test.txt").read_text().splitlines():
+        assert 20 <= parse_story_line(line).tokens.count("?") <= 25
+    for bad in (["--tasks", "1,4", "--questions", "5,9"], ["--tasks", "1", "--questions", "9,5"]):
+        with pytest.raises(SystemExit):
+            tool.main(["--output", str(tmp_path / "bad"), "--stories", "2", *bad])
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
 def test_random_module_state_untouched() -> None:

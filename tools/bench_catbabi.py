@@ -4,11 +4,14 @@ Runs ``ilm-eval catbabi`` (the same parser and code) on each ``--run NAME=RUN_DI
 CatbAbI split, with the state carried across windows as each run was trained, and writes::
 
     {"data", "split", "seq_len", "mode", "length_bins", "rows": [{"model", "story_length",
-     "bucket", "accuracy", "iters_mean", "answers"}], "runs": {NAME: ilm-eval's result},
-     "machine", "date"}
+     "bucket", "accuracy", "iters_mean", "answers"}], "task_rows": [{"model", "task", ...the
+     same keys}], "runs": {NAME: ilm-eval's result}, "machine", "date"}
 
-``story_length`` is the mean story length of the answers in the bucket. With ``--plot``, two
-panels: accuracy and mean iterations against story length, one line per run. Extra arguments
+``story_length`` is the mean story length of the answers in the bucket. ``task_rows`` holds the
+same buckets for each task alone: with several tasks, story length and task are confounded (each
+task has its own range of lengths), and only the per-task rows show what length alone does. With
+``--plot``, two panels: accuracy and mean iterations against story length, one line per run (per
+run and task with ``--plot-tasks``). Extra arguments
 after ``--`` go to ``ilm-eval catbabi`` unchanged (e.g. ``-- --max-windows 50``). Usage::
 
     python tools/bench_catbabi.py --run implicit=runs/catbabi-implicit \\
@@ -54,6 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--mode", choices=("simultaneous", "sequential"), default="simultaneous")
     p.add_argument("--output", default=None, help="write the JSON here (atomically)")
     p.add_argument("--plot", default=None, help="write the PNG here")
+    p.add_argument(
+        "--plot-tasks", action="store_true", help="plot one line per run and task (task_rows)"
+    )
     p.add_argument("--json", action="store_true", help="print the JSON report")
     return p.parse_args(argv), extra
 
@@ -64,7 +70,7 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     from ilm_megatron.tasks.eval import EvalError
 
     parser = build_parser()
-    rows, runs = [], {}
+    rows, task_rows, runs = [], [], {}
     for name, path in args.run:
         cli = ["catbabi", "--checkpoint", path, "--data", args.data, "--split", args.split,
                "--seq-len", args.seq_len, "--length-bins", args.length_bins, "--mode", args.mode,
@@ -85,8 +91,24 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
                     "bucket": bucket,
                     "accuracy": acc,
                     "iters_mean": iters[bucket],
+                    "answers": sum(
+                        b[bucket]["answers"] for b in res["per_task_length"].values() if bucket in b
+                    ),
                 }
             )
+        for task, buckets in res["per_task_length"].items():
+            for bucket, cell in buckets.items():
+                task_rows.append(
+                    {
+                        "model": name,
+                        "task": int(task),
+                        "story_length": cell["story_length_mean"],
+                        "bucket": bucket,
+                        "accuracy": cell["accuracy"],
+                        "iters_mean": cell["iters_mean"],
+                        "answers": cell["answers"],
+                    }
+                )
         print(f"{name}: accuracy {res['accuracy']:.3f} over {res['answers']} answers, "
               f"carry_state={res['carry_state']}", file=sys.stderr)  # fmt: skip
     return {
@@ -96,23 +118,34 @@ def evaluate(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         "mode": args.mode,
         "length_bins": [int(b) for b in args.length_bins.split(",")],
         "rows": rows,
+        "task_rows": task_rows,
         "runs": runs,
         "machine": machine_info(),
         "date": now_iso(),
     }
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    """Accuracy and mean solver iterations against story length, one line per run."""
+def plot(report: dict[str, Any], path: Path, by_task: bool = False) -> None:
+    """Accuracy and mean solver iterations against story length, one line per run (per run and
+    task with ``by_task``: one colour per run, one line style per task)."""
     from ilm_megatron.tasks.plots import close, pyplot
 
     plt = pyplot()
     fig, (ax_acc, ax_it) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for name in dict.fromkeys(r["model"] for r in report["rows"]):
-        pts = sorted((r["story_length"], r["accuracy"], r["iters_mean"])
-                     for r in report["rows"] if r["model"] == name)  # fmt: skip
-        ax_acc.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax_it.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=name)
+    rows = report["task_rows"] if by_task else report["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    tasks = sorted({r["task"] for r in rows}) if by_task else [None]
+    styles = ("-", "--", ":", "-.")
+    for m, name in enumerate(models):
+        for t, task in enumerate(tasks):
+            pts = sorted((r["story_length"], r["accuracy"], r["iters_mean"]) for r in rows
+                         if r["model"] == name and r.get("task") == task)  # fmt: skip
+            if not pts:
+                continue
+            kw = {"color": f"C{m}", "ls": styles[t % len(styles)], "marker": "o",
+                  "label": name if task is None else f"{name}, task {task}"}  # fmt: skip
+            ax_acc.plot([p[0] for p in pts], [p[1] for p in pts], **kw)
+            ax_it.plot([p[0] for p in pts], [p[2] for p in pts], **kw)
     ax_acc.set_ylim(-0.02, 1.02)
     ax_acc.set_ylabel("answer accuracy")
     ax_it.set_ylabel("solver iterations (mean over answers)")
@@ -131,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parse_args(argv)
     report = evaluate(args, extra)
     if args.plot:
-        plot(report, Path(args.plot))
+        plot(report, Path(args.plot), by_task=args.plot_tasks)
     emit_report(report, args.output, show=args.json)
     return 0
 

@@ -10,6 +10,9 @@ answer of the written files and the tool fails if one disagrees.
 Usage::
 
     python tools/make_catbabi.py --output data/catbabi --stories 1000 --seed 1 [--tasks 1,2,3]
+    # long stories of tasks 1-3 (5 to 40 questions each), for accuracy against story length
+    python tools/make_catbabi.py --output data/catbabi-long --stories 1 --eval-stories 150 \
+        --tasks 1,2,3 --questions 5,40 --seed 1
 
 Load for training with :func:`ilm_megatron.tasks.catbabi.load_stream` (model ``vocab_size`` =
 ``len(VOCAB)``). Exit codes: 0 on success, 2 on bad arguments, 1 if the check fails.
@@ -27,8 +30,10 @@ from pathlib import Path
 from ilm_megatron.argtypes import positive_int
 from ilm_megatron.tasks.catbabi import (
     ANSWERS,
+    LENGTH_TASKS,
     NUM_TASKS,
     VOCAB_FILE,
+    check_questions,
     format_story_line,
     generate_splits,
     vocab_json,
@@ -45,6 +50,19 @@ def task_list(text: str) -> list[int]:
     if not tasks or any(t < 1 or t > NUM_TASKS for t in tasks):
         raise argparse.ArgumentTypeError(f"task ids must be in 1..{NUM_TASKS}, got {text!r}")
     return tasks
+
+
+def question_range(text: str) -> tuple[int, int]:
+    """argparse type: ``LO,HI`` questions per story (or one number for both), e.g. ``5,40``."""
+    try:
+        parts = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI like 5,40, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 1 <= LO <= HI, got {text!r}")
+    return parts[0], parts[1]
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -73,20 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="run seed (each split derives its own)")
     p.add_argument("--tasks", type=task_list, default=list(range(1, NUM_TASKS + 1)))
+    p.add_argument(
+        "--questions",
+        type=question_range,
+        default=None,
+        help="LO,HI: questions per story drawn uniformly in [LO, HI], the story running as long "
+        f"as it takes (tasks {','.join(map(str, sorted(LENGTH_TASKS)))} only; default: each "
+        "task's own 5). Long stories of one task, for accuracy against story length",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the independent answer check")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the tool; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_questions(args.questions, args.tasks)
+    except ValueError as err:
+        parser.error(f"--questions: {err}")
     n_eval = args.eval_stories or max(1, args.stories // 9)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    splits = generate_splits(args.stories, n_eval, args.seed, args.tasks)
+    splits = generate_splits(args.stories, n_eval, args.seed, args.tasks, args.questions)
     meta: dict[str, object] = {
         "seed": args.seed,
         "tasks": args.tasks,
+        "questions_per_story": list(args.questions) if args.questions else None,
         "stories_per_task": {"train": args.stories, "valid": n_eval, "test": n_eval},
         "format": "task_id<TAB>space-separated tokens; answer = token after '?'",
     }

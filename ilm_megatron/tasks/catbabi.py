@@ -386,7 +386,13 @@ def _run_core(
     max_steps: int = 40,
     **step_kw: object,
 ) -> _Lines:
-    """Alternate core-sim events with questions (``ask`` returns whether it asked one)."""
+    """Alternate core-sim events with questions (``ask`` returns whether it asked one).
+
+    The story ends after ``n_questions`` questions or ``max_steps`` events; ``max_steps`` is given
+    for the default 5 questions and grows in proportion for more.
+    """
+    if n_questions > 5:
+        max_steps = -(-max_steps * n_questions // 5)
     world = _Core(rng)
     out = _Lines()
     wait = rng.randint(*gap)
@@ -402,7 +408,7 @@ def _run_core(
     return out
 
 
-def _task1(rng: random.Random) -> _Lines:
+def _task1(rng: random.Random, n_questions: int = 5) -> _Lines:
     def ask(w: _Core, out: _Lines) -> bool:
         known = [p for p in PEOPLE if w.loc[p] is not None]
         if not known:
@@ -411,10 +417,10 @@ def _task1(rng: random.Random) -> _Lines:
         out.ask(f"where is {p}", w.loc[p])  # type: ignore[arg-type]
         return True
 
-    return _run_core(rng, ask, gap=(2, 2), p_move=1.0, gets=False, drops=False)
+    return _run_core(rng, ask, n_questions, gap=(2, 2), p_move=1.0, gets=False, drops=False)
 
 
-def _task2(rng: random.Random) -> _Lines:
+def _task2(rng: random.Random, n_questions: int = 5) -> _Lines:
     def ask(w: _Core, out: _Lines) -> bool:
         known = [o for o in OBJECTS if w.obj_loc(o) is not None]
         if not known:
@@ -423,10 +429,10 @@ def _task2(rng: random.Random) -> _Lines:
         out.ask(f"where is the {o}", w.obj_loc(o))  # type: ignore[arg-type]
         return True
 
-    return _run_core(rng, ask, gap=(2, 4), p_move=0.55, max_steps=60)
+    return _run_core(rng, ask, n_questions, gap=(2, 4), p_move=0.55, max_steps=60)
 
 
-def _task3(rng: random.Random) -> _Lines:
+def _task3(rng: random.Random, n_questions: int = 5) -> _Lines:
     def ask(w: _Core, out: _Lines) -> bool:
         ok = [o for o in OBJECTS if len(w.history[o]) >= 2]
         if not ok:
@@ -436,10 +442,10 @@ def _task3(rng: random.Random) -> _Lines:
         out.ask(f"where was the {o} before the {h[-1]}", h[-2])
         return True
 
-    return _run_core(rng, ask, gap=(2, 5), p_move=0.55, max_steps=80)
+    return _run_core(rng, ask, n_questions, gap=(2, 5), p_move=0.55, max_steps=80)
 
 
-def _task5(rng: random.Random) -> _Lines:
+def _task5(rng: random.Random, n_questions: int = 5) -> _Lines:
     seen = [0]
 
     def ask(w: _Core, out: _Lines) -> bool:
@@ -458,10 +464,12 @@ def _task5(rng: random.Random) -> _Lines:
             out.ask(f"who did {p} give the {o} to", q)
         return True
 
-    return _run_core(rng, ask, gap=(1, 2), p_move=0.5, gives=True, social=0.8, max_steps=80)
+    return _run_core(
+        rng, ask, n_questions, gap=(1, 2), p_move=0.5, gives=True, social=0.8, max_steps=80
+    )
 
 
-def _task6(rng: random.Random) -> _Lines:
+def _task6(rng: random.Random, n_questions: int = 5) -> _Lines:
     def ask(w: _Core, out: _Lines) -> bool:
         known = [p for p in PEOPLE if w.loc[p] is not None]
         if not known:
@@ -474,10 +482,10 @@ def _task6(rng: random.Random) -> _Lines:
             out.ask(f"is {p} in the {rng.choice([r for r in ROOMS if r != here])}", "no")
         return True
 
-    return _run_core(rng, ask, gap=(1, 3), p_move=0.7)
+    return _run_core(rng, ask, n_questions, gap=(1, 3), p_move=0.7)
 
 
-def _task7(rng: random.Random) -> _Lines:
+def _task7(rng: random.Random, n_questions: int = 5) -> _Lines:
     def ask(w: _Core, out: _Lines) -> bool:
         if not w.mentioned:
             return False
@@ -485,10 +493,10 @@ def _task7(rng: random.Random) -> _Lines:
         out.ask(f"how many objects is {p} carrying", NUMBERS[len(w.held[p])])
         return True
 
-    return _run_core(rng, ask, gap=(1, 3), p_move=0.4, gives=True, social=0.5)
+    return _run_core(rng, ask, n_questions, gap=(1, 3), p_move=0.4, gives=True, social=0.5)
 
 
-def _task8(rng: random.Random) -> _Lines:
+def _task8(rng: random.Random, n_questions: int = 5) -> _Lines:
     def ask(w: _Core, out: _Lines) -> bool:
         if not w.mentioned:
             return False
@@ -496,7 +504,7 @@ def _task8(rng: random.Random) -> _Lines:
         out.ask(f"what is {p} carrying", ",".join(w.held[p]) or "nothing")
         return True
 
-    return _run_core(rng, ask, gap=(1, 3), p_move=0.4, gives=True, social=0.5)
+    return _run_core(rng, ask, n_questions, gap=(1, 3), p_move=0.4, gives=True, social=0.5)
 
 
 def _ask_where_person(rng: random.Random, loc: dict[str, str | None], out: _Lines) -> bool:
@@ -865,7 +873,7 @@ def _task20(rng: random.Random) -> _Lines:
     return out
 
 
-_GENERATORS: dict[int, Callable[[random.Random], _Lines]] = {
+_GENERATORS: dict[int, Callable[..., _Lines]] = {
     1: _task1,
     2: _task2,
     3: _task3,
@@ -889,13 +897,43 @@ _GENERATORS: dict[int, Callable[[random.Random], _Lines]] = {
 }
 
 
-def generate_story(task_id: int, rng: random.Random) -> Story:
-    """One story of task ``task_id`` (1..20) drawn with ``rng``."""
+# tasks whose stories are a run of the core simulator, so their length can be chosen
+LENGTH_TASKS = frozenset({1, 2, 3, 5, 6, 7, 8})
+
+
+def check_questions(questions: tuple[int, int] | None, tasks: Iterable[int]) -> None:
+    """Raise ``ValueError`` unless ``questions`` is ``None`` or a range ``lo <= hi`` of positive
+    counts and every task in ``tasks`` is one of :data:`LENGTH_TASKS`."""
+    if questions is None:
+        return
+    lo, hi = questions
+    if not 1 <= lo <= hi:
+        raise ValueError(f"questions per story must be a range 1 <= lo <= hi, got {lo},{hi}")
+    other = sorted(set(tasks) - LENGTH_TASKS)
+    if other:
+        raise ValueError(
+            f"a chosen number of questions per story needs tasks in {sorted(LENGTH_TASKS)} "
+            f"(stories of the core simulator); tasks {other} have a fixed form"
+        )
+
+
+def generate_story(
+    task_id: int, rng: random.Random, questions: tuple[int, int] | None = None
+) -> Story:
+    """One story of task ``task_id`` (1..20) drawn with ``rng``.
+
+    ``questions=(lo, hi)`` draws the number of questions uniformly in ``[lo, hi]`` (tasks in
+    :data:`LENGTH_TASKS` only; the default is the task's own 5), and the story runs as long as it
+    takes to ask them: long stories of one task, for accuracy against story length without the
+    task changing with it. ``None`` draws exactly the stories it always has.
+    """
     if task_id not in _GENERATORS:
         raise ValueError(f"task_id must be in 1..20, got {task_id}")
+    check_questions(questions, [task_id])
+    kwargs = {} if questions is None else {"n_questions": rng.randint(*questions)}
     for _ in range(100):
         try:
-            out = _GENERATORS[task_id](rng)
+            out = _GENERATORS[task_id](rng, **kwargs)
         except _RetryError:
             continue
         return _story_from_lines(task_id, out.lines)
@@ -908,13 +946,16 @@ def generate_stories(
     tasks: Sequence[int] = tuple(range(1, NUM_TASKS + 1)),
     exclude: set[str] | frozenset[str] = frozenset(),
     shuffle: bool = True,
+    questions: tuple[int, int] | None = None,
 ) -> list[Story]:
     """``n_per_task`` stories of each task, none whose :meth:`Story.digest` is in ``exclude``.
 
     Deterministic for a given ``seed``; each task has its own random stream (seeded with
     ``(seed, task_id)``), so adding a task does not change the stories of the others. With
-    ``shuffle`` the stories are shuffled with ``seed``, else grouped by task.
+    ``shuffle`` the stories are shuffled with ``seed``, else grouped by task. ``questions``: see
+    :func:`generate_story`.
     """
+    check_questions(questions, tasks)
     stories: list[Story] = []
     for task in tasks:
         rng = random.Random(f"catbabi:{seed}:{task}")
@@ -923,7 +964,7 @@ def generate_stories(
             tries += 1
             if tries > 50 * n_per_task + 1000:
                 raise RuntimeError(f"task {task}: too many stories excluded (seed {seed})")
-            story = generate_story(task, rng)
+            story = generate_story(task, rng, questions)
             if story.digest() in exclude:
                 continue
             stories.append(story)
@@ -946,17 +987,22 @@ def generate_splits(
     n_eval: int,
     seed: int,
     tasks: Sequence[int] = tuple(range(1, NUM_TASKS + 1)),
+    questions: tuple[int, int] | None = None,
 ) -> dict[str, list[Story]]:
     """Train/valid/test stories (per task: ``n_train``, ``n_eval``, ``n_eval``), disjoint.
 
     Each split has its own seed (:func:`split_seed`); a valid story equal to a train story, or a
-    test story equal to a train or valid one, is rejected and drawn again.
+    test story equal to a train or valid one, is rejected and drawn again. ``questions``: see
+    :func:`generate_story`.
     """
+    check_questions(questions, tasks)
     out: dict[str, list[Story]] = {}
     seen: set[str] = set()
     for split in SPLITS:
         n = n_train if split == "train" else n_eval
-        stories = generate_stories(n, split_seed(seed, split), tasks, exclude=seen)
+        stories = generate_stories(
+            n, split_seed(seed, split), tasks, exclude=seen, questions=questions
+        )
         out[split] = stories
         seen |= {s.digest() for s in stories}
     return out
@@ -981,20 +1027,23 @@ DEFAULT_LENGTH_BINS = (50, 100, 200, 400)
 
 
 class AccuracyMeter:
-    """Answer accuracy (argmax at ``x == "?"`` vs the answer), micro, per task, per story length.
+    """Answer accuracy (argmax at ``x == "?"`` vs the answer), micro, per task, per story length,
+    and per task and story length together.
 
     Story lengths are bucketed by ``length_bins`` (upper bounds, inclusive; a last open bucket
-    collects longer stories). Bucket names are ``"<=50"``, ..., ``">400"``.
+    collects longer stories). Bucket names are ``"<=50"``, ..., ``">400"``. With several tasks,
+    story length and task are confounded (each task has its own length range); the per-task
+    buckets separate the two.
     """
 
     def __init__(self, length_bins: Sequence[int] = DEFAULT_LENGTH_BINS) -> None:
         self.bins = tuple(sorted(length_bins))
-        self.correct = torch.zeros(NUM_TASKS + 1, dtype=torch.long)
-        self.total = torch.zeros(NUM_TASKS + 1, dtype=torch.long)
-        self.len_correct = torch.zeros(len(self.bins) + 1, dtype=torch.long)
-        self.len_total = torch.zeros(len(self.bins) + 1, dtype=torch.long)
-        self.len_iters = torch.zeros(len(self.bins) + 1, dtype=torch.float64)  # sums at answers
-        self.len_story = torch.zeros(len(self.bins) + 1, dtype=torch.float64)  # story lengths
+        shape = (NUM_TASKS + 1, len(self.bins) + 1)  # (task, bucket)
+        self.hits = torch.zeros(shape, dtype=torch.long)
+        self.answers = torch.zeros(shape, dtype=torch.long)
+        self.iter_sum = torch.zeros(shape, dtype=torch.float64)  # iterations at the answers
+        self.story_sum = torch.zeros(shape, dtype=torch.float64)  # story lengths at the answers
+        self.has_iters = False
 
     def bin_names(self) -> list[str]:
         """Names of the story-length buckets."""
@@ -1014,19 +1063,22 @@ class AccuracyMeter:
         solver iterations behind each position's prediction (per token in sequential mode, the
         row's in simultaneous mode), averaged per story-length bucket over the answers."""
         mask = is_answer.bool()
-        hit = (logits.argmax(-1) == y)[mask].long()
-        tasks = task_id[mask].long()
-        self.correct += torch.bincount(tasks, weights=hit, minlength=NUM_TASKS + 1).long()
-        self.total += torch.bincount(tasks, minlength=NUM_TASKS + 1)
+        hit = (logits.argmax(-1) == y)[mask].double()
         lens = story_len[mask].contiguous()
         bucket = torch.bucketize(lens, torch.tensor(self.bins, dtype=lens.dtype))
         nb = len(self.bins) + 1
-        self.len_correct += torch.bincount(bucket, weights=hit, minlength=nb).long()
-        self.len_total += torch.bincount(bucket, minlength=nb)
-        self.len_story += torch.bincount(bucket, weights=lens.double(), minlength=nb)
+        cell = task_id[mask].long().cpu() * nb + bucket.cpu()  # flat (task, bucket) index
+
+        def count(weights: torch.Tensor | None) -> torch.Tensor:
+            w = None if weights is None else weights.double().cpu()
+            return torch.bincount(cell, weights=w, minlength=self.hits.numel()).view_as(self.hits)
+
+        self.hits += count(hit).round().long()
+        self.answers += count(None)
+        self.story_sum += count(lens)
         if iters is not None:
-            w = iters.to(hit.device)[mask].double()
-            self.len_iters += torch.bincount(bucket, weights=w, minlength=nb)
+            self.iter_sum += count(iters.to(mask.device)[mask])
+            self.has_iters = True
 
     def update_batch(
         self, logits: torch.Tensor, batch: CatbabiBatch, iters: torch.Tensor | None = None
@@ -1034,36 +1086,51 @@ class AccuracyMeter:
         """:meth:`update` with the fields of ``batch``."""
         self.update(logits, batch.y, batch.is_answer, batch.task_id, batch.story_len, iters)
 
+    def _buckets(
+        self, hits: torch.Tensor, answers: torch.Tensor, iters: torch.Tensor, story: torch.Tensor
+    ) -> dict[str, dict[str, float]]:
+        """``{bucket: {"accuracy", "iters_mean", "story_length_mean", "answers"}}`` over the
+        buckets with answers (``iters_mean`` only when iterations were given)."""
+        out: dict[str, dict[str, float]] = {}
+        for i, name in enumerate(self.bin_names()):
+            n = float(answers[i])
+            if n == 0:
+                continue
+            row = {"accuracy": float(hits[i]) / n, "story_length_mean": float(story[i]) / n}
+            if self.has_iters:
+                row["iters_mean"] = float(iters[i]) / n
+            out[name] = {**row, "answers": int(n)}
+        return out
+
     def result(self) -> dict[str, object]:
         """``{"accuracy": micro, "per_task": {task: acc}, "per_length": {bucket: acc},
         "iters_per_length": {bucket: mean iterations at its answers}, "story_length_mean":
-        {bucket: mean story length of its answers}, "count": n}``; tasks and
-        buckets without answers are left out (``iters_per_length`` is empty unless iterations
-        were given)."""
-        n = int(self.total.sum())
+        {bucket: mean story length of its answers}, "per_task_length": {task: {bucket:
+        {"accuracy", "iters_mean", "story_length_mean", "answers"}}}, "count": n}``; tasks and
+        buckets without answers are left out (``iters_per_length`` is empty and ``iters_mean``
+        absent unless iterations were given)."""
+        n = int(self.answers.sum())
         per_task = {
-            t: float(self.correct[t]) / float(self.total[t])
+            t: float(self.hits[t].sum()) / float(self.answers[t].sum())
             for t in range(1, NUM_TASKS + 1)
-            if self.total[t] > 0
+            if self.answers[t].sum() > 0
         }
-        per_len = {
-            name: float(self.len_correct[i]) / float(self.len_total[i])
-            for i, name in enumerate(self.bin_names())
-            if self.len_total[i] > 0
+        sums = (self.hits, self.answers, self.iter_sum, self.story_sum)
+        overall = self._buckets(*(x.sum(0) for x in sums))
+        per_task_length = {
+            t: self._buckets(*(x[t] for x in sums))
+            for t in range(1, NUM_TASKS + 1)
+            if self.answers[t].sum() > 0
         }
-        names = [(i, n) for i, n in enumerate(self.bin_names()) if self.len_total[i] > 0]
-        iters_len = {
-            n: float(self.len_iters[i]) / float(self.len_total[i])
-            for i, n in names
-            if self.len_iters.any()
-        }
-        story_len = {n: float(self.len_story[i]) / float(self.len_total[i]) for i, n in names}
         return {
-            "accuracy": float(self.correct.sum()) / n if n else float("nan"),
+            "accuracy": float(self.hits.sum()) / n if n else float("nan"),
             "per_task": per_task,
-            "per_length": per_len,
-            "iters_per_length": iters_len,
-            "story_length_mean": story_len,
+            "per_length": {k: v["accuracy"] for k, v in overall.items()},
+            "iters_per_length": {
+                k: v["iters_mean"] for k, v in overall.items() if "iters_mean" in v
+            },
+            "story_length_mean": {k: v["story_length_mean"] for k, v in overall.items()},
+            "per_task_length": per_task_length,
             "count": n,
         }
 

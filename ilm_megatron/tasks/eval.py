@@ -304,6 +304,7 @@ def run_catbabi(args: argparse.Namespace) -> dict[str, Any]:
         "per_length": res["per_length"],
         "iters_per_length": res["iters_per_length"],
         "story_length_mean": res["story_length_mean"],
+        "per_task_length": res["per_task_length"],
         "mode": args.mode,
         "answers": res["count"],
         "iters_mean": it.mean().item(),
