@@ -235,6 +235,26 @@ def test_cli_word_problem(wp_run: Path, tmp_path: Path, capsys, monkeypatch) -> 
     assert sim["samples"] == 6 and sim["cap"] == 32  # max(32, ceil(2.5 * 8))
     assert all(0.0 <= b["accuracy"] <= 1.0 for b in seq["buckets"] + sim["buckets"])
     assert res["note"] is None
+    assert res["solver"]["method"] == "picard" and res["solver"]["overrides"] == []
+
+    # --solver: the setting in force is recorded, and the iterations are those it gives
+    rc, printed, err = _cli(
+        ["--checkpoint", str(wp_run), "--hard-fracs", "1", "--samples", "3", "--batch-size",
+         "3", "--no-simultaneous", "--solver", "method=anderson", "--json"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    anderson = json.loads(printed)
+    assert anderson["solver"]["method"] == "anderson"
+    assert anderson["solver"]["overrides"] == ["method=anderson"]
+    rc, printed, err = _cli(
+        ["--checkpoint", str(wp_run), "--hard-fracs", "1", "--samples", "3", "--batch-size",
+         "3", "--no-simultaneous", "--json"],
+        capsys,
+    )  # fmt: skip
+    plain = json.loads(printed)
+    assert plain["solver"]["method"] == "picard"
+    assert anderson["sequential"]["iters_mean"] != plain["sequential"]["iters_mean"]
 
     # human output; without --out nothing is written
     monkeypatch.chdir(tmp_path / "out")

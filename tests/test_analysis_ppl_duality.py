@@ -207,6 +207,7 @@ def test_cli_two_models_side_by_side(
         assert m["ppl"] == pytest.approx(math.exp(want), rel=1e-5)
     imp, exp = written["models"]
     assert imp["implicit"] and imp["cap"] == 96 and imp["iters_mean"] > 1
+    assert imp["solver"]["method"] == "picard" and imp["solver"]["overrides"] == []
     assert not exp["implicit"] and exp["cap"] is None and exp["iters_mean"] == 1.0
 
     # human-readable output, custom labels and buckets, held-out split, sequential mode
@@ -218,6 +219,39 @@ def test_cli_two_models_side_by_side(
     )  # fmt: skip
     assert rc == 0, err
     assert "sequential mode" in stdout and "ilm" in stdout and "7-12" in stdout
+
+
+def test_cli_ppl_solver_settings(
+    text_runs: dict[str, Path], shards: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ppl-by-position --solver``: the settings in force are in the result, and its NLL and
+    iterations are those of the model run here with the same settings."""
+    import dataclasses
+
+    from ilm_megatron.train.checkpoint import load_model
+
+    settings = ["method=anderson", "anderson_m=3", "early_exit=true"]
+    rc, stdout, err = _ilm_eval(
+        ["ppl-by-position", "--checkpoint", str(text_runs["implicit"]), "--data", str(shards),
+         "--samples", "2", "--json", *(a for kv in settings for a in ("--solver", kv))],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    (m,) = json.loads(stdout)["models"]
+    solver = m["solver"]
+    assert solver["method"] == "anderson" and solver["anderson_m"] == 3 and solver["early_exit"]
+    assert solver["overrides"] == settings
+    model = load_model(Path(m["checkpoint"])).eval()
+    model.solver_config = dataclasses.replace(
+        model.solver_config, method="anderson", anderson_m=3, early_exit=True
+    )
+    length = 4 * TRAIN_LEN
+    stream = _stream()[: 2 * (length + 1)].view(2, length + 1)
+    with torch.no_grad():
+        out = model(stream[:, :-1], max_iter=m["cap"])
+    want = F.cross_entropy(out.logits[..., :257].flatten(0, 1), stream[:, 1:].flatten()).item()
+    assert m["nll"] == pytest.approx(want, abs=1e-5)
+    assert m["iters_mean"] == pytest.approx(out.stats.sample_iters.float().mean().item())
 
 
 def test_cli_ppl_errors(
@@ -377,6 +411,7 @@ def test_cli_duality_solver_settings(word_run: Path, capsys: pytest.CaptureFixtu
         "method=anderson",
         "anderson_m=3",
     ]
+    assert res["solver"]["method"] == "anderson" and res["solver"]["anderson_m"] == 3
     model = load_model(word_run / "model.safetensors").eval()
     model.solver_config = dataclasses.replace(
         model.solver_config, method="anderson", anderson_m=3, eval_tol=1e-6

@@ -645,6 +645,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "d_model": cfg.d_model,
         },
         "tol": model.eval_tol(),
+        "solver": common.solver_in_force(model, args.solver),
         "data": data,
         "note": None
         if cfg.implicit

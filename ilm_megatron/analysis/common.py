@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +120,12 @@ def load_checkpoint(
     if solver:
         model.solver_config = solver_overrides(model.solver_config, solver)
     return model.to(dev).eval()
+
+
+def solver_in_force(model: ImplicitLM, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The solver settings the analysis ran with, read back from ``model`` (every ``solver.*``
+    key, after the ``--solver`` overrides), plus ``"overrides"``: those ``KEY=VALUE`` texts."""
+    return {**asdict(model.solver_config), "overrides": list(overrides)}
 
 
 def solver_overrides(cfg: Any, settings: Sequence[str]) -> Any:

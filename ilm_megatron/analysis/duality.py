@@ -225,6 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "method": s.method,
         "early_exit": s.early_exit,
         "solver_overrides": list(args.solver),
+        "solver": common.solver_in_force(model, args.solver),
         "cap_simultaneous": sim_cap,
         "cap_sequential": seq_cap,
         "rows": rows,

@@ -38,6 +38,7 @@ from ilm_megatron.analysis.common import (
     resolve,
     show_outputs,
     solver_caps,
+    solver_in_force,
     subplots,
 )
 from ilm_megatron.argtypes import comma_list, positive_int
@@ -264,6 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "n_layers": model.config.n_layers,
                 "d_model": model.config.d_model,
                 "train_length": ckpt.train_length,
+                "solver": solver_in_force(model, args.solver),
                 **row,
             }
         )
