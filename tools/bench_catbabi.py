@@ -16,8 +16,8 @@ after ``--`` go to ``ilm-eval catbabi`` unchanged (e.g. ``-- --max-windows 50``)
 
     python tools/bench_catbabi.py --run implicit=runs/catbabi-implicit \\
         --run explicit=runs/catbabi-explicit --data data/catbabi --seq-len 128 \\
-        --length-bins 100,150,200,250,300 --output docs/benchmarks/catbabi_cpu.json \\
-        --plot docs/benchmarks/catbabi_cpu.png
+        --length-bins 200,300,400,500,600,800,1000 --output docs/benchmarks/catbabi_cpu.json \\
+        --plot docs/benchmarks/catbabi_cpu.png --plot-tasks
 """
 
 from __future__ import annotations
