@@ -43,3 +43,16 @@ def tiny_config(arch: str, implicit: bool = True, overrides: tuple[str, ...] = (
 
     name = f"{'implicit' if implicit else 'explicit'}_{arch}_tiny.yaml"
     return load_config([CONFIGS / "models" / name], list(overrides))
+
+
+def make_catbabi(out: Path, *args: str) -> Path:
+    """Run ``tools/make_catbabi.py --output out *args`` in a subprocess (as a user would) and
+    return ``out``; raises ``CalledProcessError`` if the tool fails."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_catbabi.py"), "--output", str(out), *args],
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return out

@@ -4,13 +4,11 @@ CLI on tiny word-problem and CatbAbI checkpoints (files read back)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, make_catbabi
 
 from ilm_megatron.analysis.adaptive_compute import (
     average_ranks,
@@ -303,12 +301,7 @@ def test_cli_errors(wp_run: Path, tmp_path: Path, capsys) -> None:
 def catbabi_run(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> tuple[Path, Path]:
     """A CatbAbI folder (tasks 1 and 2) and a tiny implicit checkpoint of its vocabulary."""
     root = tmp_path_factory.mktemp("acb")
-    data = root / "catbabi"
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_catbabi.py"), "--output", str(data),
-         "--stories", "5", "--tasks", "1,2", "--seed", "0"],
-        check=True, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    data = make_catbabi(root / "catbabi", "--stories", "5", "--tasks", "1,2", "--seed", "0")
     cfg = load_config(
         [CONFIGS / "tasks" / "catbabi_implicit_mamba2.yaml"],
         [f"data.path={data}", "data.seq_len=32", "model.d_model=16", "model.headdim=8",

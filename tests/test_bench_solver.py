@@ -111,22 +111,14 @@ def test_bench_catbabi_rows(tmp_path: Path) -> None:
     """Figure 13 (c, d) rows: per story-length bucket the accuracy and iterations ilm-eval
     catbabi reports, at the mean story length of the bucket's answers, recomputed here from the
     stream."""
-    import subprocess
-    import sys
-
-    from conftest import CONFIGS, ROOT
+    from conftest import CONFIGS, make_catbabi
 
     from ilm_megatron.config import load_config
     from ilm_megatron.data.catbabi import iter_batches, load_stream
     from ilm_megatron.models.lm import build_model
     from ilm_megatron.train.checkpoint import save_model
 
-    data = tmp_path / "cb"
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_catbabi.py"), "--output", str(data),
-         "--stories", "3", "--tasks", "1,3", "--seed", "0"],
-        check=True, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    data = make_catbabi(tmp_path / "cb", "--stories", "3", "--tasks", "1,3", "--seed", "0")
     cfg = load_config(
         [CONFIGS / "tasks" / "catbabi_implicit_mamba2.yaml"],
         ["model.d_model=16", "model.headdim=8", "model.d_state=8", "model.n_layers=1"],

@@ -201,18 +201,9 @@ def test_triton_kernels_take_the_initial_state():
 
 
 def _catbabi(tmp_path):
-    import subprocess
-    import sys
+    from conftest import make_catbabi
 
-    from conftest import ROOT
-
-    out = tmp_path / "cb"
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_catbabi.py"), "--output", str(out),
-         "--stories", "4", "--tasks", "1,2", "--seed", "0"],
-        check=True, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    return out
+    return make_catbabi(tmp_path / "cb", "--stories", "4", "--tasks", "1,2", "--seed", "0")
 
 
 def _train_cfg(data, run_dir, *extra):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import CONFIGS
+from conftest import CONFIGS, make_catbabi
 
 from ilm_megatron.config import load_config
 from ilm_megatron.tasks.eval import main as ilm_eval
@@ -12,18 +12,7 @@ from ilm_megatron.train.loop import train
 
 
 def _make_data(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    out = tmp_path / "catbabi"
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_catbabi.py"), "--output", str(out),
-         "--stories", "3", "--seed", "0"],
-        check=True, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    return out
+    return make_catbabi(tmp_path / "catbabi", "--stories", "3", "--seed", "0")
 
 
 def test_train_and_eval_catbabi(tmp_path, capsys):

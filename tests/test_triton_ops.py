@@ -13,18 +13,21 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from ilm_kernels import causal_conv1d_reference, gated_rms_norm, rms_norm, ssd_scan_reference
-from ilm_kernels.backend import BackendUnavailableError, has_module, triton_interpreter
-
-if not has_module("triton"):
-    pytest.skip("triton is not installed", allow_module_level=True)
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from ilm_kernels import conv1d_triton, norm_triton, ssd_triton, step_triton  # noqa: E402
-from ilm_kernels.ops import (  # noqa: E402
+from ilm_kernels import (
+    causal_conv1d_reference,
+    conv1d_triton,
+    gated_rms_norm,
+    norm_triton,
+    rms_norm,
+    ssd_scan_reference,
+    ssd_triton,
+    step_triton,
+)
+from ilm_kernels.backend import BackendUnavailableError, triton_interpreter
+from ilm_kernels.ops import (
     causal_conv1d,
     causal_conv1d_step_op,
     gated_rms_norm_op,
